@@ -1,0 +1,295 @@
+"""The pool of server connections for one (database, user, backend).
+
+Acquiring never creates a coroutine when an idle server exists: the caller gets the server
+at once, or is queued (FIFO) and called back through `Waiter`. New connections are opened
+in parallel, up to the number of waiting clients, never beyond `pool_size`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from pools.server import ServerConnection, open_server
+from protocol.auth import LoginError
+from protocol.errors import CANNOT_CONNECT_NOW, CONNECTION_FAILURE, QUERY_CANCELED
+
+log = structlog.get_logger("pgrouter.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    pool_size: int = 20
+    min_pool_size: int = 0
+    server_idle_timeout: float = 3600.0
+    server_lifetime: float = 3600.0
+    server_connect_timeout: float = 5.0
+    query_wait_timeout: float = 120.0
+    server_reset_query: str = ""  # run before reuse (session mode)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    database: str  # the client-facing name
+    user: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.database}/{self.user}@{self.host}:{self.port}"
+
+
+class Waiter(Protocol):
+    """A client waiting for a server connection."""
+
+    def server_assigned(self, server: ServerConnection) -> None: ...
+    def server_unavailable(self, sqlstate: str, message: str) -> None: ...
+
+
+class PoolError(Exception):
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+
+
+class Pool:
+    """Server connections for one (database, user, backend), shared by its clients."""
+
+    def __init__(
+        self,
+        key: PoolKey,
+        dbname: str,
+        password: str | None,
+        settings: PoolSettings,
+    ) -> None:
+        self.key = key
+        self.dbname = dbname
+        self.password = password
+        self.settings = settings
+        self.idle: deque[ServerConnection] = deque()  # most recently used at the right
+        self.active: set[ServerConnection] = set()
+        self.connecting = 0
+        self.waiters: deque[Waiter] = deque()
+        self._timers: dict[Waiter, asyncio.TimerHandle] = {}
+        self._wait_start: dict[Waiter, float] = {}
+        self.parameters: dict[str, str] | None = None  # the welcome set, from the first login
+        self.closed = False
+        self.paused = False
+        self.last_error: PoolError | None = None
+        # Plain counters, read by the stats and metrics at scrape time.
+        self.xact_count = 0
+        self.query_count = 0
+        self.wait_count = 0
+        self.wait_time = 0.0
+        self.max_wait = 0.0
+        self.connect_count = 0
+        self.connect_failures = 0
+
+    # ---- acquire / release ------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.active) + self.connecting
+
+    def acquire(self, waiter: Waiter) -> ServerConnection | None:
+        """An idle server at once, or None and `waiter` is called back later."""
+        if self.closed:
+            waiter.server_unavailable(CANNOT_CONNECT_NOW, "pool is closed")
+            return None
+        if self.idle and not self.paused and not self.waiters:
+            server = self.idle.pop()
+            self.active.add(server)
+            return server
+        self.waiters.append(waiter)
+        self._wait_start[waiter] = time.monotonic()
+        timeout = self.settings.query_wait_timeout
+        if timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._timers[waiter] = loop.call_later(timeout, self._wait_timed_out, waiter)
+        self._grow()
+        return None
+
+    def cancel_wait(self, waiter: Waiter) -> None:
+        """The waiting client left."""
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            return
+        self._forget_waiter(waiter)
+
+    def release(self, server: ServerConnection, *, used: bool = True) -> None:
+        """A client is done with `server` (between transactions)."""
+        self.active.discard(server)
+        if used:
+            self.xact_count += 1
+        if not server.clean or self.closed:
+            server.close()
+            self._grow()
+            return
+        if time.monotonic() - server.created > self.settings.server_lifetime:
+            server.close()
+            self._grow()
+            return
+        reset = self.settings.server_reset_query
+        if reset:
+            self.active.add(server)
+            server.run_hidden(reset, lambda errors: self._after_reset(server, errors))
+            return
+        self._make_idle(server)
+
+    def discard(self, server: ServerConnection) -> None:
+        """The server cannot be reused (broken, or left mid-transaction)."""
+        self.active.discard(server)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(server)
+        server.close()
+        if not self.closed:
+            self._grow()
+
+    def _after_reset(self, server: ServerConnection, errors: list[dict[str, str]]) -> None:
+        self.active.discard(server)
+        if errors or not server.clean:
+            server.close()
+            self._grow()
+        else:
+            self._make_idle(server)
+
+    def _make_idle(self, server: ServerConnection) -> None:
+        server.last_used = time.monotonic()
+        if self.waiters and not self.paused:
+            self._hand_over(server)
+        else:
+            self.idle.append(server)
+
+    def _hand_over(self, server: ServerConnection) -> None:
+        waiter = self.waiters.popleft()
+        self._forget_waiter(waiter)
+        self.active.add(server)
+        waiter.server_assigned(server)
+
+    def _forget_waiter(self, waiter: Waiter) -> None:
+        timer = self._timers.pop(waiter, None)
+        if timer is not None:
+            timer.cancel()
+        start = self._wait_start.pop(waiter, None)
+        if start is not None:
+            waited = time.monotonic() - start
+            self.wait_count += 1
+            self.wait_time += waited
+            self.max_wait = max(self.max_wait, waited)
+
+    def _wait_timed_out(self, waiter: Waiter) -> None:
+        self._timers.pop(waiter, None)
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            return
+        self._forget_waiter(waiter)
+        detail = f" ({self.last_error.message})" if self.last_error else ""
+        waiter.server_unavailable(
+            QUERY_CANCELED,
+            f"query_wait_timeout: no server connection for {self.key} within "
+            f"{self.settings.query_wait_timeout:g}s{detail}",
+        )
+
+    # ---- growth -----------------------------------------------------------------------------
+
+    def _grow(self) -> None:
+        """Open connections for waiting clients (in parallel) and up to min_pool_size."""
+        if self.closed or self.paused:
+            return
+        want = max(len(self.waiters) - self.connecting, self.settings.min_pool_size - self.size)
+        room = self.settings.pool_size - self.size
+        for _ in range(min(want, room)):
+            self.connecting += 1
+            asyncio.get_running_loop().create_task(self._connect())
+
+    def fill(self) -> None:
+        """Top up to min_pool_size (called by the janitor and at start)."""
+        self._grow()
+
+    async def _connect(self) -> None:
+        key = self.key
+        try:
+            server = await open_server(
+                key.host,
+                key.port,
+                key.user,
+                self.password,
+                {"database": self.dbname},
+                self.settings.server_connect_timeout,
+            )
+        except LoginError as exc:
+            self._connect_failed(PoolError(exc.sqlstate, exc.message))
+            return
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            what = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            self._connect_failed(
+                PoolError(CONNECTION_FAILURE, f"cannot connect to {key.host}:{key.port}: {what}")
+            )
+            return
+        finally:
+            self.connecting -= 1
+        self.connect_count += 1
+        self.last_error = None
+        if self.parameters is None:
+            self.parameters = dict(server.parameters)
+        server.on_lost = self.server_gone
+        if self.closed:
+            server.close()
+            return
+        self._make_idle(server)
+
+    def _connect_failed(self, error: PoolError) -> None:
+        self.connect_failures += 1
+        self.last_error = error
+        log.warning("server login failed", pool=str(self.key), error=error.message)
+        # Nothing else can serve the waiters soon: tell them now instead of at the timeout.
+        if not self.active and not self.idle and not self.connecting:
+            while self.waiters:
+                waiter = self.waiters.popleft()
+                self._forget_waiter(waiter)
+                waiter.server_unavailable(error.sqlstate, error.message)
+
+    # ---- maintenance --------------------------------------------------------------------------
+
+    def maintain(self, now: float) -> None:
+        """Close idle servers past server_idle_timeout or server_lifetime; refill."""
+        s = self.settings
+        keep = s.min_pool_size
+        survivors: deque[ServerConnection] = deque()
+        for server in self.idle:
+            expired = now - server.created > s.server_lifetime
+            stale = now - server.last_used > s.server_idle_timeout
+            if server.closed or expired or (stale and len(self.idle) + len(self.active) > keep):
+                server.close()
+            else:
+                survivors.append(server)
+        self.idle = survivors
+        self._grow()
+
+    def close(self) -> None:
+        """Close idle servers now; active ones close when their clients release them."""
+        self.closed = True
+        for server in self.idle:
+            server.close()
+        self.idle.clear()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            self._forget_waiter(waiter)
+            waiter.server_unavailable(CANNOT_CONNECT_NOW, "pool is shutting down")
+
+    def server_gone(self, server: ServerConnection) -> None:
+        """A server's socket closed (server restart, idle kill, crash)."""
+        self.active.discard(server)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(server)
+        if not self.closed:
+            self._grow()

@@ -1,0 +1,248 @@
+"""One server connection: login, then bytes forwarded to whichever client is linked.
+
+The connection scans only message headers (`protocol.scanner`) to count ReadyForQuery. It
+can also run a hidden query (client settings before a transaction, the session-mode reset)
+whose replies are read in full and never reach the client; the rest of the stream is still
+forwarded untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from protocol import messages as m
+from protocol.auth import LoginError, ServerLogin
+from protocol.errors import ProtocolViolation, parse_error_fields
+from protocol.framing import MessageReader
+from protocol.scanner import BackendScanner
+
+_I32 = struct.Struct("!I")
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class ServerClient(Protocol):
+    """What a server connection needs from the client session it is linked to."""
+
+    transport: asyncio.Transport
+
+    def server_ready(self, count: int) -> None: ...
+    def server_lost(self, server: ServerConnection, reason: str) -> None: ...
+    def server_notice(self, data: bytes) -> None: ...
+
+
+class ServerConnection(asyncio.Protocol):
+    """A logged-in PostgreSQL connection owned by a pool."""
+
+    def __init__(self, host: str, port: int, login: ServerLogin) -> None:
+        self.host = host
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self.login = login
+        self.login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.scanner = BackendScanner()
+        self.client: ServerClient | None = None
+        self.parameters: dict[str, str] = {}
+        self.backend_key = (0, 0)
+        self.settings: dict[str, str] = {}  # session settings applied for clients (lower-case)
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.closed = False
+        self.on_lost: Callable[[ServerConnection], None] | None = None  # the owning pool's hook
+        self._hidden: MessageReader | None = None  # reading replies of a hidden query
+        self._hidden_pending = 0
+        self._hidden_errors: list[dict[str, str]] = []
+        self._hidden_done: Callable[[list[dict[str, str]]], None] | None = None
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        transport.write(self.login.startup())
+
+    def data_received(self, data: bytes) -> None:
+        if self._hidden is not None:
+            data = self._read_hidden(data)
+            if not data:
+                return
+        client = self.client
+        if client is None:
+            if not self.login.done:
+                self._read_login(data)
+            else:
+                self.scanner.feed(data)  # an idle server's notice or parameter change
+            return
+        ready = self.scanner.feed(data)
+        client.transport.write(data)
+        if ready:
+            client.server_ready(ready)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = str(exc) if exc else "server closed the connection"
+        if not self.login_done.done():
+            self.login_done.set_exception(ConnectionError(reason))
+        client = self.client
+        if client is not None:
+            client.server_lost(self, reason)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def pause_writing(self) -> None:
+        client = self.client
+        if client is not None:
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None:
+            client.transport.resume_reading()
+
+    # ---- login ------------------------------------------------------------------------------
+
+    def _read_login(self, data: bytes) -> None:
+        try:
+            reply = self.login.feed(data)
+        except (LoginError, ProtocolViolation) as exc:
+            if not self.login_done.done():
+                self.login_done.set_exception(exc)
+            self.close()
+            return
+        assert self.transport is not None
+        if reply:
+            self.transport.write(reply)
+        if self.login.done:
+            self.parameters = self.login.parameters
+            self.backend_key = self.login.backend_key
+            rest = self.login.reader.take_rest()
+            if rest:
+                self.scanner.feed(rest)
+            self.login_done.set_result(None)
+
+    # ---- hidden queries -----------------------------------------------------------------------
+
+    def run_hidden(
+        self, sql: str, done: Callable[[list[dict[str, str]]], None] | None = None
+    ) -> None:
+        """Send a simple query whose replies are swallowed; `done(errors)` at its ReadyForQuery.
+
+        ParameterStatus and NoticeResponse replies still go to a linked client, since they
+        describe the session it is using.
+        """
+        assert self.transport is not None and self._hidden is None
+        self._hidden = MessageReader(1 << 20)
+        self._hidden_pending = 1
+        self._hidden_errors = []
+        self._hidden_done = done
+        self.transport.write(m.query(sql))
+
+    def _read_hidden(self, data: bytes) -> bytes:
+        reader = self._hidden
+        assert reader is not None
+        reader.feed(data)
+        while (msg := reader.next()) is not None:
+            kind, body = msg
+            if kind == 90:  # 'Z'
+                self._hidden = None
+                self.scanner.status = body[0]
+                rest = reader.take_rest()
+                done, self._hidden_done = self._hidden_done, None
+                if done is not None:
+                    done(self._hidden_errors)
+                return rest
+            if kind == 69:  # 'E'
+                self._hidden_errors.append(parse_error_fields(body))
+            elif kind == 83:  # 'S'
+                name, value = m.parse_parameter_status(body)
+                self.parameters[name] = value
+                if self.client is not None:
+                    self.client.transport.write(m.message(b"S", body))
+        return b""
+
+    @property
+    def in_hidden_query(self) -> bool:
+        return self._hidden is not None
+
+    # ---- linking ----------------------------------------------------------------------------
+
+    def link(self, client: ServerClient) -> None:
+        self.client = client
+        self.last_used = time.monotonic()
+
+    def unlink(self) -> None:
+        self.client = None
+        self.last_used = time.monotonic()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        """Close politely (Terminate) unless the socket is already gone."""
+        if self.closed:
+            return
+        self.closed = True
+        self.client = None
+        if self.transport is not None:
+            if not self.transport.is_closing():
+                self.transport.write(m.TERMINATE)
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.client = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def clean(self) -> bool:
+        """Between transactions and safe to hand to another client."""
+        return (
+            not self.closed
+            and self.scanner.status == 73
+            and self.scanner.at_boundary
+            and self._hidden is None
+        )
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection {self.host}:{self.port} pid={self.backend_key[0]}>"
+
+
+async def open_server(
+    host: str, port: int, user: str, password: str | None, params: dict[str, str], timeout: float
+) -> ServerConnection:
+    """Connect and log in; raises LoginError, OSError or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    login = ServerLogin(user, password, params)
+    conn: ServerConnection | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            _, proto = await loop.create_connection(
+                lambda: ServerConnection(host, port, login), host, port
+            )
+            conn = proto
+            await conn.login_done
+    except BaseException:
+        if conn is not None:
+            conn.abort()
+        raise
+    return conn
+
+
+async def send_cancel(host: str, port: int, key: tuple[int, int], timeout: float = 5.0) -> None:
+    """Deliver a CancelRequest on a fresh connection, as the protocol requires."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(m.cancel_request(*key))
+            await writer.drain()
+            await reader.read(1)  # the server closes the connection when done
+        finally:
+            writer.close()

@@ -1,0 +1,228 @@
+"""Authentication exchanges, both sides, as sans-IO state machines.
+
+`ServerLogin` logs the proxy in to a PostgreSQL server (trust, cleartext, md5, SCRAM-SHA-256).
+`ClientAuth` checks a connecting client (trust, cleartext, md5, SCRAM-SHA-256). SCRAM is
+scramp's; the PBKDF2 work is done once per password by `scram_auth_info`, not per login.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import struct
+
+import scramp
+
+from protocol import messages as m
+from protocol.errors import INVALID_PASSWORD, PROTOCOL_VIOLATION, parse_error_fields
+from protocol.framing import MessageReader
+
+_I32 = struct.Struct("!I")
+SCRAM_ITERATIONS = 4096
+ScramAuthInfo = tuple[bytes, bytes, bytes, int]  # salt, stored key, server key, iterations
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def md5_password(user: str, password: str, salt: bytes) -> str:
+    """The md5 response libpq sends: 'md5' + md5(md5(password + user) + salt)."""
+    inner = md5_hex(password.encode() + user.encode())
+    return "md5" + md5_hex(inner.encode() + salt)
+
+
+def scram_auth_info(password: str, iterations: int = SCRAM_ITERATIONS) -> ScramAuthInfo:
+    """Salt and keys for verifying SCRAM logins against a cleartext password (PBKDF2 once)."""
+    mech = scramp.ScramMechanism("SCRAM-SHA-256")
+    salt, stored_key, server_key, iters = mech.make_auth_info(password, iteration_count=iterations)
+    return salt, stored_key, server_key, iters
+
+
+def parse_scram_verifier(verifier: str) -> ScramAuthInfo:
+    """Decode PostgreSQL's 'SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>'."""
+    try:
+        method, rest = verifier.split("$", 1)
+        iter_salt, keys = rest.split("$", 1)
+        iters, salt = iter_salt.split(":", 1)
+        stored, server = keys.split(":", 1)
+        if method != "SCRAM-SHA-256":
+            raise ValueError(method)
+        return (
+            base64.b64decode(salt, validate=True),
+            base64.b64decode(stored, validate=True),
+            base64.b64decode(server, validate=True),
+            int(iters),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ValueError("not a SCRAM-SHA-256 verifier") from exc
+
+
+class LoginError(Exception):
+    """A server refused the login, or spoke out of turn."""
+
+    def __init__(self, sqlstate: str, message: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.fields = fields or {}
+
+
+class ServerLogin:
+    """Startup and authentication of one server connection, then its welcome parameters."""
+
+    def __init__(self, user: str, password: str | None, params: dict[str, str]) -> None:
+        self.user = user
+        self.password = password
+        self.params = {"user": user, **params}
+        self.reader = MessageReader(1 << 20)
+        self.parameters: dict[str, str] = {}
+        self.backend_key: tuple[int, int] = (0, 0)
+        self.done = False
+        self._scram: scramp.ScramClient | None = None
+
+    def startup(self) -> bytes:
+        return m.startup_message(self.params)
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume server bytes; return what to send back. Raises LoginError on refusal."""
+        self.reader.feed(data)
+        out = []
+        while not self.done and (msg := self.reader.next()) is not None:
+            kind, body = msg
+            if kind == ord("R"):
+                out.append(self._authenticate(body))
+            elif kind == ord("S"):
+                name, value = m.parse_parameter_status(body)
+                self.parameters[name] = value
+            elif kind == ord("K"):
+                self.backend_key = struct.unpack("!II", body[:8])
+            elif kind == ord("Z"):
+                self.done = True
+            elif kind == ord("E"):
+                fields = parse_error_fields(body)
+                raise LoginError(fields.get("C", "XX000"), fields.get("M", "login failed"), fields)
+            elif kind in (ord("N"), ord("v")):
+                continue
+            else:
+                raise LoginError(
+                    PROTOCOL_VIOLATION, f"unexpected message {chr(kind)!r} during login"
+                )
+        return b"".join(out)
+
+    def _need_password(self) -> str:
+        if self.password is None:
+            raise LoginError(INVALID_PASSWORD, f"server asks a password for user {self.user!r} "
+                             "and none is configured")  # fmt: skip
+        return self.password
+
+    def _authenticate(self, body: bytes) -> bytes:
+        (code,) = _I32.unpack_from(body)
+        payload = body[4:]
+        if code == m.AUTH_OK:
+            return b""
+        if code == m.AUTH_CLEARTEXT:
+            return m.password_message(m.cstr(self._need_password()))
+        if code == m.AUTH_MD5:
+            return m.password_message(
+                m.cstr(md5_password(self.user, self._need_password(), payload[:4]))
+            )
+        if code == m.AUTH_SASL:
+            mechanisms = m.split_cstrings(payload)
+            if "SCRAM-SHA-256" not in mechanisms:
+                raise LoginError(PROTOCOL_VIOLATION, f"no supported SASL mechanism in {mechanisms}")
+            self._scram = scramp.ScramClient(["SCRAM-SHA-256"], self.user, self._need_password())
+            first = self._scram.get_client_first().encode()
+            return m.sasl_initial_response("SCRAM-SHA-256", first)
+        if code == m.AUTH_SASL_CONTINUE and self._scram is not None:
+            self._scram.set_server_first(payload.decode())
+            return m.password_message(self._scram.get_client_final().encode())
+        if code == m.AUTH_SASL_FINAL and self._scram is not None:
+            try:
+                self._scram.set_server_final(payload.decode())
+            except scramp.ScramException as exc:
+                raise LoginError(
+                    INVALID_PASSWORD, f"server SCRAM signature invalid: {exc}"
+                ) from exc
+            return b""
+        raise LoginError(PROTOCOL_VIOLATION, f"unsupported authentication request {code}")
+
+
+class AuthFailed(Exception):
+    """The client's credentials were wrong; the reason is for logs, never for the client."""
+
+
+class ClientAuth:
+    """Checks one client's credentials. `start()` gives the first request to send; each
+    PasswordMessage body goes to `feed()`, which returns the next message to send. When
+    `done` is true the caller sends AuthenticationOk."""
+
+    def __init__(
+        self,
+        method: str,
+        user: str,
+        password: str | None,
+        scram_info: ScramAuthInfo | None = None,
+    ) -> None:
+        self.method = method
+        self.user = user
+        self.password = password
+        self.scram_info = scram_info
+        self.done = False
+        self._salt = b""
+        self._scram: scramp.core.ScramServer | None = None
+
+    def start(self) -> bytes:
+        if self.method == "trust":
+            self.done = True
+            return b""
+        if self.method == "plain":
+            return m.authentication(m.AUTH_CLEARTEXT)
+        if self.method == "md5":
+            self._salt = secrets.token_bytes(4)
+            return m.authentication(m.AUTH_MD5, self._salt)
+        if self.method == "scram-sha-256":
+            return m.authentication_sasl(["SCRAM-SHA-256"])
+        raise ValueError(f"unknown auth method {self.method}")
+
+    def feed(self, body: bytes) -> bytes:
+        if self.method == "plain":
+            given = body.rstrip(b"\0")
+            if self.password is None or not hmac.compare_digest(given, self.password.encode()):
+                raise AuthFailed("password mismatch")
+            self.done = True
+            return b""
+        if self.method == "md5":
+            if self.password is None:
+                raise AuthFailed("user has no cleartext password for md5")
+            expected = md5_password(self.user, self.password, self._salt).encode()
+            if not hmac.compare_digest(body.rstrip(b"\0"), expected):
+                raise AuthFailed("password mismatch")
+            self.done = True
+            return b""
+        return self._feed_scram(body)
+
+    def _feed_scram(self, body: bytes) -> bytes:
+        info = self.scram_info
+        if info is None:
+            raise AuthFailed("user has no SCRAM secret")
+        try:
+            if self._scram is None:
+                mech_end = body.index(b"\0")
+                if body[:mech_end] != b"SCRAM-SHA-256":
+                    raise AuthFailed("unsupported SASL mechanism")
+                (length,) = _I32.unpack_from(body, mech_end + 1)
+                first = body[mech_end + 5 : mech_end + 5 + length].decode()
+                mech = scramp.ScramMechanism("SCRAM-SHA-256")
+                self._scram = mech.make_server(lambda _username: info)
+                self._scram.set_client_first(first)
+                return m.authentication(
+                    m.AUTH_SASL_CONTINUE, self._scram.get_server_first().encode()
+                )
+            self._scram.set_client_final(body.decode())
+        except (scramp.ScramException, ValueError, UnicodeDecodeError, struct.error) as exc:
+            raise AuthFailed(f"SCRAM exchange failed: {exc}") from exc
+        self.done = True
+        return m.authentication(m.AUTH_SASL_FINAL, self._scram.get_server_final().encode())

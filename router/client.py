@@ -1,0 +1,497 @@
+"""One client connection: login, then transactions bound to pooled server connections.
+
+The state machine: STARTUP (untyped packets) -> AUTH (password exchange) -> WELCOME
+(waiting for the pool's cached server parameters, normally instant) -> READY. In READY the
+client is either linked to a server (bytes forwarded both ways, headers scanned) or idle
+(its next transaction's first bytes are buffered while a server is acquired).
+
+A server goes back to its pool only at ReadyForQuery 'I' with every Query/Sync/FunctionCall
+answered and the client's stream at a message boundary (transaction mode), after every
+such point (statement mode), or when the client leaves (session mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import secrets
+from typing import TYPE_CHECKING, cast
+
+import structlog
+
+from pools.pool import Pool
+from pools.server import ServerConnection
+from protocol import errors as e
+from protocol import messages as m
+from protocol.auth import AuthFailed, ClientAuth
+from protocol.errors import ProtocolViolation
+from protocol.framing import MessageReader, StartupReader
+from protocol.scanner import FrontendScanner
+
+if TYPE_CHECKING:
+    from router.config import Database
+    from router.proxy import Proxy
+
+log = structlog.get_logger("pgrouter.client")
+
+# Startup parameters that are not session settings.
+_NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
+_COPY_MESSAGES = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
+_SETTING_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
+_I = 73  # 'I': idle, outside a transaction
+
+
+class State(enum.Enum):
+    STARTUP = 1
+    AUTH = 2
+    WELCOME = 3
+    READY = 4
+    CLOSED = 5
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def settings_sql(current: dict[str, str], wanted: dict[str, str]) -> str:
+    """One simple query moving a server session from `current` to `wanted` settings."""
+    changed = [(k, v) for k, v in wanted.items() if current.get(k) != v]
+    parts = []
+    if changed:
+        calls = ", ".join(
+            f"pg_catalog.set_config({quote_literal(k)}, {quote_literal(v)}, false)"
+            for k, v in changed
+        )
+        parts.append(f"SELECT {calls}")
+    parts += [f"RESET {k}" for k in current if k not in wanted]
+    return ";".join(parts)
+
+
+def canonical_encoding(value: str) -> str:
+    """libpq and drivers send utf8, UTF-8, unicode...; servers report UTF8."""
+    return (
+        "UTF8" if value.upper().replace("-", "").replace("_", "") in ("UTF8", "UNICODE") else value
+    )
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
+        self.state = State.STARTUP
+        self.peer = ""
+        self.user = ""
+        self.database: Database | None = None
+        self.settings: dict[str, str] = {}  # wanted session settings, lower-case names
+        self.key = (0, 0)  # our BackendKeyData for this client
+        self.pool: Pool | None = None
+        self.mode = "transaction"
+        self.server: ServerConnection | None = None
+        self._server_transport: asyncio.Transport | None = None
+        self.pending = 0  # Query/Sync/FunctionCall sent and not yet answered
+        self.buffer = bytearray()  # bytes of a transaction waiting for a server
+        self.waiting = False
+        self._waiter: _FirstLogin | ClientSession = self
+        self.paused = False  # our transport is over its write high-water mark
+        self.scanner = FrontendScanner(proxy.config.max_packet_size)
+        self._startup: StartupReader | None = StartupReader()
+        self._reader: MessageReader | None = None
+        self._auth: ClientAuth | None = None
+        self._login_timer: asyncio.TimerHandle | None = None
+        self.connected_at = 0.0
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(high=256 * 1024)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        loop = asyncio.get_running_loop()
+        self.connected_at = loop.time()
+        self._login_timer = loop.call_later(
+            self.proxy.config.client_login_timeout, self._login_timed_out
+        )
+        self.proxy.client_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._server_transport
+        if transport is not None:  # the forwarding path
+            try:
+                answered = self.scanner.feed(data)
+            except ProtocolViolation as exc:
+                self.violation(str(exc))
+                return
+            if self.scanner.terminated:
+                self._terminate(data)
+                return
+            self.pending += answered
+            transport.write(data)
+            return
+        if self.state is State.READY:
+            self._queue(data)
+        elif self.state is not State.CLOSED:
+            try:
+                self._login_data(data)
+            except ProtocolViolation as exc:
+                self.violation(str(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._shut()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        if self._server_transport is not None:
+            self._server_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._server_transport is not None:
+            self._server_transport.resume_reading()
+
+    # ---- errors and closing -------------------------------------------------------------------
+
+    def fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
+        """Send a FATAL error and close; the process and other clients carry on."""
+        if self.state is State.CLOSED:
+            return
+        if not self.transport.is_closing():
+            self.transport.write(e.fatal(sqlstate, message, detail=detail))
+        self.close()
+
+    def violation(self, message: str) -> None:
+        log.info("protocol violation", client=self.peer, error=message)
+        self.fatal(e.PROTOCOL_VIOLATION, message)
+
+    def close(self) -> None:
+        self._shut()
+        self.transport.close()
+
+    def _shut(self) -> None:
+        """Give back or discard the server, leave the wait queue, forget the cancel key."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        server = self.server
+        if server is not None:
+            self._unlink()
+            assert self.pool is not None
+            reusable = self.pending <= 0 and server.clean and self.scanner.at_boundary
+            if reusable:
+                self.pool.release(server)
+            else:
+                self.pool.discard(server)
+        if self.waiting and self.pool is not None:
+            self.waiting = False
+            self.pool.cancel_wait(self._waiter)
+        self.proxy.client_gone(self)
+
+    def _terminate(self, data: bytes) -> None:
+        """The client said goodbye; forward what came before it, never the Terminate."""
+        at = self.scanner.terminated_at
+        if at > 0 and self._server_transport is not None:
+            self._server_transport.write(data[:at])
+        if at < 0:  # part of the Terminate already went to the server: it cannot be reused
+            self.pending = 1
+        self.close()
+
+    def _login_timed_out(self) -> None:
+        self._login_timer = None
+        if self.state in (State.STARTUP, State.AUTH, State.WELCOME):
+            log.info("client login timeout", client=self.peer)
+            self.fatal(e.PROTOCOL_VIOLATION, "client_login_timeout: login not finished in time")
+
+    # ---- login ------------------------------------------------------------------------------
+
+    def _login_data(self, data: bytes) -> None:
+        if self.state is State.STARTUP:
+            assert self._startup is not None
+            self._startup.feed(data)
+            while self.state is State.STARTUP and (packet := self._startup.next()) is not None:
+                self._startup_packet(packet)
+            if self.state is not State.STARTUP and self._startup is not None:
+                rest = self._startup.take_rest()
+                self._startup = None
+                if rest:
+                    self._login_data(rest)
+        elif self.state is State.AUTH:
+            assert self._reader is not None and self._auth is not None
+            self._reader.feed(data)
+            while self.state is State.AUTH and (msg := self._reader.next()) is not None:
+                kind, body = msg
+                if kind != ord("p"):
+                    raise ProtocolViolation(f"expected a password message, got {chr(kind)!r}")
+                self._password(body)
+            if self.state is State.WELCOME or self.state is State.READY:
+                rest = self._reader.take_rest()
+                self._reader = None
+                if rest:
+                    self._login_data(rest)
+        elif self.state is State.WELCOME:
+            self.buffer += data  # pipelined before our ReadyForQuery: kept for later
+
+    def _startup_packet(self, packet: m.StartupPacket) -> None:
+        config = self.proxy.config
+        if packet.code == m.CANCEL_REQUEST:
+            assert packet.cancel_key is not None
+            self.proxy.cancel(packet.cancel_key)
+            self.close()
+            return
+        if packet.code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
+            self.transport.write(b"N")
+            return
+        if packet.major != 3:
+            self.fatal(
+                e.FEATURE_NOT_SUPPORTED,
+                f"unsupported frontend protocol {packet.major}.{packet.minor}: "
+                "server supports 3.0 to 3.0",
+            )
+            return
+        if packet.minor > 0 or packet.protocol_options:
+            self.transport.write(m.negotiate_protocol_version(0, packet.protocol_options))
+        params = packet.params
+        user = params.get("user", "")
+        if not user:
+            self.fatal(
+                e.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet"
+            )
+            return
+        if "replication" in params and params["replication"].lower() not in ("false", "off", "0"):
+            self.fatal(e.FEATURE_NOT_SUPPORTED, "replication connections are not supported")
+            return
+        self.user = user
+        dbname = params.get("database") or user
+        if self.proxy.client_count > config.max_client_conn:
+            self.fatal(e.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
+            return
+        database = config.databases.get(dbname)
+        if database is None:
+            self.fatal(e.INVALID_CATALOG_NAME, f'database "{dbname}" does not exist')
+            return
+        self.database = database
+        try:
+            self.settings = self._wanted_settings(params)
+        except ValueError as exc:
+            self.fatal(e.PROTOCOL_VIOLATION, str(exc))
+            return
+        method = config.auth_type
+        password, scram_info = self.proxy.user_secrets(user, method)
+        self._auth = ClientAuth(method, user, password, scram_info)
+        self._reader = MessageReader(m.MAX_STARTUP_PACKET)
+        self.state = State.AUTH
+        first = self._auth.start()
+        if first:
+            self.transport.write(first)
+        if self._auth.done:
+            self._authenticated()
+
+    def _wanted_settings(self, params: dict[str, str]) -> dict[str, str]:
+        settings = {k.lower(): v for k, v in params.items() if k not in _NOT_SETTINGS}
+        if "options" in params:
+            settings.update(m.parse_options(params["options"]))
+        for name in settings:
+            if not name or not set(name) <= _SETTING_NAME_CHARS:
+                raise ValueError(f"invalid setting name {name!r} in startup packet")
+        if "client_encoding" in settings:
+            settings["client_encoding"] = canonical_encoding(settings["client_encoding"])
+        return settings
+
+    def _password(self, body: bytes) -> None:
+        assert self._auth is not None
+        try:
+            reply = self._auth.feed(body)
+        except AuthFailed as exc:
+            self.proxy.auth_failures += 1
+            log.info("authentication failed", client=self.peer, user=self.user, reason=str(exc))
+            self.fatal(e.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"')
+            return
+        if reply:
+            self.transport.write(reply)
+        if self._auth.done:
+            self._authenticated()
+
+    def _authenticated(self) -> None:
+        assert self.database is not None
+        self._auth = None
+        self.state = State.WELCOME
+        self.mode = self.database.pool_mode
+        self.pool = self.proxy.pool_for(self.database, self.user)
+        self.key = self.proxy.register_cancel_key(self)
+        if self.pool.parameters is not None:
+            self._welcome()
+        else:  # the first login of this pool: its welcome parameters come from a server
+            self.waiting = True
+            first = self._waiter = _FirstLogin(self)
+            server = self.pool.acquire(first)
+            if server is not None:
+                first.server_assigned(server)
+
+    def _welcome(self) -> None:
+        assert self.pool is not None and self.pool.parameters is not None
+        out = [m.AUTHENTICATION_OK]
+        for name, value in self.pool.parameters.items():
+            out.append(m.parameter_status(name, self.settings.get(name.lower(), value)))
+        out.append(m.backend_key_data(*self.key))
+        out.append(m.ready_for_query())
+        self.transport.write(b"".join(out))
+        self.state = State.READY
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        log.debug("client logged in", client=self.peer, user=self.user, db=self.database_name)
+        if self.buffer:
+            early = bytes(self.buffer)
+            self.buffer.clear()
+            self._queue(early)
+
+    @property
+    def database_name(self) -> str:
+        return self.database.name if self.database else ""
+
+    # ---- transactions -------------------------------------------------------------------------
+
+    def _queue(self, data: bytes) -> None:
+        """Bytes while no server is linked: buffer them and get a server."""
+        try:
+            answered = self.scanner.feed(data)
+        except ProtocolViolation as exc:
+            self.violation(str(exc))
+            return
+        if self.scanner.terminated:
+            self.close()  # whatever came before it was never answered: nobody waits for it
+            return
+        self.pending += answered
+        self.buffer += data
+        if not self.waiting:
+            self._begin()
+
+    def _begin(self) -> None:
+        """The client started a transaction: drop stale COPY messages, then get a server."""
+        buf = self.buffer
+        while len(buf) >= 5 and buf[0] in _COPY_MESSAGES:
+            end = 1 + int.from_bytes(buf[1:5], "big")
+            if len(buf) < end:
+                return  # wait for the rest of the stale message
+            del buf[:end]
+        if not buf:
+            return
+        assert self.pool is not None
+        self.waiting = True
+        server = self.pool.acquire(self)
+        if server is not None:
+            self.server_assigned(server)
+
+    def server_assigned(self, server: ServerConnection) -> None:
+        """The pool's answer: link, bring the server's settings in line, send the buffer."""
+        self.waiting = False
+        if self.state is State.CLOSED:
+            assert self.pool is not None
+            self.pool.release(server, used=False)
+            return
+        self.server = server
+        self._server_transport = server.transport
+        server.link(self)
+        if server.settings != self.settings:
+            sql = settings_sql(server.settings, self.settings)
+            server.settings = dict(self.settings)
+            server.run_hidden(sql, lambda errors: self._settings_applied(server, errors))
+        if self.paused:
+            server.transport.pause_reading()  # type: ignore[union-attr]
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        server.write(data)
+
+    def _settings_applied(self, server: ServerConnection, errors: list[dict[str, str]]) -> None:
+        if not errors:
+            return
+        server.settings = {"\0unknown": ""}  # re-applied in full next time
+        for fields in errors:
+            text = f"pgrouter could not apply a session setting: {fields.get('M', '?')}"
+            self.transport.write(e.notice_response(text, severity="WARNING"))
+
+    def server_unavailable(self, sqlstate: str, message: str) -> None:
+        """No server could be had: fail this transaction, keep the client."""
+        self.waiting = False
+        if self.state is State.CLOSED:
+            return
+        self.buffer.clear()
+        out = [e.error_response(sqlstate, message)]
+        out += [m.ready_for_query()] * max(self.pending, 0)
+        self.pending = 0
+        self.transport.write(b"".join(out))
+
+    def server_ready(self, count: int) -> None:
+        """The server sent `count` ReadyForQuery: release it if the transaction is over."""
+        self.pending -= count
+        if self.pending > 0 or self.mode == "session":
+            return
+        server = self.server
+        assert server is not None and self.pool is not None
+        if server.scanner.status != _I:
+            if self.mode == "statement":
+                self.fatal(
+                    e.FEATURE_NOT_SUPPORTED,
+                    "transaction blocks not allowed in statement pooling mode",
+                )
+            return
+        if not self.scanner.at_boundary:
+            return
+        self.pending = 0
+        self._unlink()
+        self.pool.release(server)
+
+    def _unlink(self) -> None:
+        server = self.server
+        assert server is not None
+        self.server = None
+        self._server_transport = None
+        server.unlink()
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        """The server died under this client: tell it and disconnect it."""
+        if self.server is server:
+            self._unlink()
+            self.pending = 0
+        log.warning("server connection lost", client=self.peer, server=repr(server), reason=reason)
+        self.fatal(
+            e.CONNECTION_FAILURE,
+            "server connection lost: the transaction was not completed",
+            detail=reason,
+        )
+
+    def server_notice(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def cancel_target(self) -> ServerConnection | None:
+        return self.server
+
+
+class _FirstLogin:
+    """Waits for a pool's first server login so its welcome parameters are known."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: ClientSession) -> None:
+        self.session = session
+
+    def server_assigned(self, server: ServerConnection) -> None:
+        session = self.session
+        session.waiting = False
+        session._waiter = session
+        assert session.pool is not None
+        session.pool.release(server, used=False)
+        if session.state is State.WELCOME:
+            session._welcome()
+
+    def server_unavailable(self, sqlstate: str, message: str) -> None:
+        self.session.waiting = False
+        self.session._waiter = self.session
+        self.session.fatal(sqlstate, message)
+
+
+def new_cancel_key() -> tuple[int, int]:
+    """A random (pid, secret) pair; the sign bit stays clear as some tools expect."""
+    return secrets.randbits(31) or 1, secrets.randbits(32)

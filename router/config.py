@@ -1,0 +1,993 @@
+"""YAML topology -> frozen, typed configuration objects.
+
+Everything the proxy needs to know about listeners, pools, users and the database topology is
+validated here, once, before anything listens. Validation collects *all* problems and reports
+each as ``yaml.path: problem`` so an operator can fix a file in one pass. Unknown keys are
+errors (a typo must not silently fall back to a default), and secrets never appear in errors.
+
+Pure Python + PyYAML; no asyncio, no imports from the rest of pgrouter.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import difflib
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = [
+    "ADMIN_DATABASES",
+    "AUTH_TYPES",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "POOL_MODES",
+    "READ_YOUR_WRITES_SCOPES",
+    "ROUTING_READS",
+    "Admin",
+    "Config",
+    "ConfigError",
+    "Database",
+    "Endpoint",
+    "LogConfig",
+    "Routing",
+    "User",
+    "check_main",
+    "format_address",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+]
+
+POOL_MODES = ("session", "transaction", "statement")
+AUTH_TYPES = ("scram-sha-256", "md5", "trust", "plain")
+ROUTING_READS = ("replicas", "primary", "any")
+READ_YOUR_WRITES_SCOPES = ("connection", "user_address")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("console", "json")
+#: Virtual database names served by the admin console; no real database may use them.
+ADMIN_DATABASES = ("pgrouter", "pgbouncer")
+
+DEFAULT_LISTEN: tuple[tuple[str, int], ...] = (("127.0.0.1", 6432),)
+DEFAULT_LISTEN_PORT = 6432
+DEFAULT_SERVER_PORT = 5432
+DEFAULT_MAX_REPLICA_LAG_BYTES = 1024 * 1024
+SCRAM_PREFIX = "SCRAM-SHA-256$"
+
+DURATION_HINT = "must be a duration like 250ms, 5s, 1h"
+SIZE_HINT = "must be a size like 16MB"
+
+
+class ConfigError(Exception):
+    """Every problem found in a topology file, each as ``yaml.path: problem``.
+
+    Raised once with all errors so the operator sees the whole list, not just the first.
+    """
+
+    errors: list[str]
+
+    def __init__(self, errors: str | Iterable[str]) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# --------------------------------------------------------------------------------------------
+# Durations and sizes
+# --------------------------------------------------------------------------------------------
+
+_NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+_DURATION_UNITS: dict[str, Fraction] = {
+    "": Fraction(1),
+    "us": Fraction(1, 1_000_000),
+    "ms": Fraction(1, 1000),
+    "s": Fraction(1),
+    "sec": Fraction(1),
+    "secs": Fraction(1),
+    "second": Fraction(1),
+    "seconds": Fraction(1),
+    "m": Fraction(60),
+    "min": Fraction(60),
+    "mins": Fraction(60),
+    "minute": Fraction(60),
+    "minutes": Fraction(60),
+    "h": Fraction(3600),
+    "hr": Fraction(3600),
+    "hour": Fraction(3600),
+    "hours": Fraction(3600),
+    "d": Fraction(86400),
+    "day": Fraction(86400),
+    "days": Fraction(86400),
+}
+
+# Size units always carry a "B": a bare "m" would be ambiguous with minutes where a value may
+# be either (max_replica_lag). Units are binary (1kB = 1024), as in PostgreSQL.
+_SIZE_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 1024,
+    "kib": 1024,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "gb": 1024**3,
+    "gib": 1024**3,
+    "tb": 1024**4,
+    "tib": 1024**4,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"``, ``"1d"`` or a plain number.
+
+    Raises ValueError for anything else, including negatives, NaN/infinity and booleans
+    (YAML turns ``yes``/``off`` into booleans, which are never a duration).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"not a duration: {value!r}")
+        return seconds
+    if isinstance(value, str):
+        match = _NUMBER_UNIT.match(value)
+        if match:
+            unit = _DURATION_UNITS.get(match.group(2).lower())
+            if unit is not None:
+                return float(Fraction(match.group(1)) * unit)
+    raise ValueError(f"not a duration: {value!r}")
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``"16MB"``, ``"1kB"``, ``"512"``, ``1024`` (binary units: 1kB = 1024).
+
+    Fractions are fine as long as they come out to whole bytes (``"1.5kB"``). Raises
+    ValueError for anything else, including negatives and booleans.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"not a size: {value!r}")
+        return value
+    if isinstance(value, float):
+        if not value.is_integer() or value < 0:
+            raise ValueError(f"not a size: {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        match = _NUMBER_UNIT.match(value)
+        if match:
+            unit = _SIZE_UNITS.get(match.group(2).lower())
+            if unit is not None:
+                size = Fraction(match.group(1)) * unit
+                if size.denominator == 1:
+                    return int(size)
+    raise ValueError(f"not a size: {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration objects
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One PostgreSQL server; ``weight`` biases replica selection (1..1000)."""
+
+    host: str
+    port: int = DEFAULT_SERVER_PORT
+    weight: int = 1
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for logs and the admin console (IPv6 hosts in brackets)."""
+        return format_address(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """Per-database read routing policy.
+
+    ``read_your_writes`` is ``"lsn"`` (reads after a write go only to replicas that replayed
+    it), ``"off"``, or ``"duration"`` (stick to the primary for ``read_your_writes_window``
+    seconds after a write). Replica lag is limited in bytes or in seconds, never both; both
+    None means no lag limit.
+    """
+
+    reads: str = "replicas"
+    read_your_writes: str = "lsn"
+    read_your_writes_window: float = 0.0
+    read_your_writes_scope: str = "connection"
+    max_replica_lag_bytes: int | None = DEFAULT_MAX_REPLICA_LAG_BYTES
+    max_replica_lag_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """A client-visible database with its servers; pool settings already inherited."""
+
+    name: str
+    dbname: str
+    primary: Endpoint
+    replicas: tuple[Endpoint, ...]
+    pool_mode: str
+    pool_size: int
+    min_pool_size: int
+    server_reset_query: str
+    routing: Routing
+
+    @property
+    def backends(self) -> tuple[Endpoint, ...]:
+        """The primary followed by the replicas."""
+        return (self.primary, *self.replicas)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A client-facing user; the same credentials log in to the servers.
+
+    At most one of ``password`` (cleartext) and ``scram_verifier`` is set; neither is set only
+    for users of ``auth_type: trust``. ``repr`` hides both so a logged object leaks nothing.
+    """
+
+    name: str
+    password: str | None = field(default=None, repr=False)
+    scram_verifier: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """Who may use the admin console, and where the HTTP endpoints listen (None: off)."""
+
+    users: tuple[str, ...] = ()
+    http: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Log level and renderer (``console`` for humans, ``json`` for collectors)."""
+
+    level: str = "info"
+    format: str = "console"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated topology. Mappings are read-only and keep the file's order."""
+
+    listen: tuple[tuple[str, int], ...] = DEFAULT_LISTEN
+    pool_mode: str = "transaction"
+    pool_size: int = 20
+    min_pool_size: int = 0
+    max_client_conn: int = 10000
+    server_idle_timeout: float = 3600.0
+    server_lifetime: float = 3600.0
+    server_connect_timeout: float = 5.0
+    query_wait_timeout: float = 120.0
+    client_login_timeout: float = 15.0
+    shutdown_timeout: float = 30.0
+    max_packet_size: int = 256 * 1024 * 1024
+    server_reset_query: str = "DISCARD ALL"
+    auth_type: str = "scram-sha-256"
+    users: Mapping[str, User] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    admin: Admin = field(default_factory=Admin)
+    log: LogConfig = field(default_factory=LogConfig)
+    databases: Mapping[str, Database] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+    source: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+_TOP_KEYS = (
+    "listen",
+    "pool_mode",
+    "pool_size",
+    "min_pool_size",
+    "max_client_conn",
+    "server_idle_timeout",
+    "server_lifetime",
+    "server_connect_timeout",
+    "query_wait_timeout",
+    "client_login_timeout",
+    "shutdown_timeout",
+    "max_packet_size",
+    "server_reset_query",
+    "auth_type",
+    "users",
+    "admin",
+    "log",
+    "databases",
+)
+_DATABASE_KEYS = (
+    "dbname",
+    "primary",
+    "replicas",
+    "pool_mode",
+    "pool_size",
+    "min_pool_size",
+    "server_reset_query",
+    "routing",
+)
+_ROUTING_KEYS = ("reads", "read_your_writes", "read_your_writes_scope", "max_replica_lag")
+_ENDPOINT_KEYS = ("host", "port", "weight")
+_USER_KEYS = ("password", "password_env")
+_ADMIN_KEYS = ("users", "http")
+_LOG_KEYS = ("level", "format")
+_MIN_PACKET_SIZE = 1024
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, bracketing IPv6 literals so the port stays unambiguous."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, Mapping):
+        return "mapping"
+    if isinstance(value, list | tuple):
+        return "list"
+    return {int: "integer", float: "number", str: "string"}.get(type(value), type(value).__name__)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+class _Checker:
+    """Collects errors while building objects, so one pass reports every problem."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def error(self, path: str, problem: str) -> None:
+        self.errors.append(f"{path}: {problem}")
+
+    def mapping(self, path: str, value: object, allowed: tuple[str, ...]) -> dict[str, Any]:
+        """The value as a dict (null -> empty), with unknown keys reported."""
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.error(path, f"must be a mapping, got {_type_name(value)}")
+            return {}
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or key not in allowed:
+                hint = ""
+                if isinstance(key, str):
+                    close = difflib.get_close_matches(key, allowed, n=1)
+                    if close:
+                        hint = f" (did you mean {close[0]!r}?)"
+                if not hint:
+                    hint = f" (expected one of: {', '.join(allowed)})"
+                self.error(_join(path, key), f"unknown key{hint}")
+                continue
+            result[key] = item
+        return result
+
+    def integer(
+        self,
+        path: str,
+        value: object,
+        default: int,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int:
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(path, f"must be an integer, got {_type_name(value)}")
+            return default
+        if minimum is not None and maximum is not None:
+            if not minimum <= value <= maximum:
+                self.error(path, f"must be {minimum}..{maximum}")
+                return default
+        elif minimum is not None and value < minimum:
+            self.error(path, f"must be >= {minimum}")
+            return default
+        return value
+
+    def string(self, path: str, value: object, default: str, *, non_empty: bool = False) -> str:
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            self.error(path, f"must be a string, got {_type_name(value)}")
+            return default
+        if non_empty and not value.strip():
+            self.error(path, "must be a non-empty string")
+            return default
+        return value
+
+    def choice(self, path: str, value: object, default: str, allowed: tuple[str, ...]) -> str:
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str) or value not in allowed:
+            self.error(path, f"must be one of {', '.join(allowed)} (got {_show(value)})")
+            return default
+        return value
+
+    def duration(self, path: str, value: object, default: float, *, positive: bool) -> float:
+        return self._parsed(path, value, default, parse_duration, DURATION_HINT, positive)
+
+    def size(self, path: str, value: object, default: int, *, positive: bool) -> int:
+        return self._parsed(path, value, default, parse_size, SIZE_HINT, positive)
+
+    def _parsed(
+        self,
+        path: str,
+        value: object,
+        default: T,
+        parse: Callable[[object], T],
+        hint: str,
+        positive: bool,
+    ) -> T:
+        if value is _MISSING:
+            return default
+        try:
+            result = parse(value)
+        except ValueError:
+            self.error(path, f"{hint} (got {_show(value)})")
+            return default
+        if positive and not result:
+            self.error(path, "must be greater than 0")
+            return default
+        return result
+
+
+def _show(value: object) -> str:
+    """A short rendering of a non-secret value for an error message."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return _type_name(value)
+
+
+def _split_host_port(text: str, default_port: int | None) -> tuple[str, int]:
+    """Parse ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``; ValueError says what's wrong.
+
+    A bare IPv6 literal (``::1``, more than one colon, no brackets) is a host without a port.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("missing ']' after an IPv6 address (expected [ipv6]:port)")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected ':port' after ']' (expected [ipv6]:port)")
+        port_text: str | None = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, None
+    if not host or any(ch.isspace() for ch in host):
+        raise ValueError("host must be a non-empty name or address without spaces")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError("port is required")
+        return host, default_port
+    if not port_text.isdigit():
+        raise ValueError("port must be an integer")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError("port must be 1..65535")
+    return host, port
+
+
+def _address(
+    ck: _Checker, path: str, value: object, default_port: int | None
+) -> tuple[str, int] | None:
+    """A listen/HTTP address; None (with an error recorded) when invalid."""
+    if not isinstance(value, str):
+        ck.error(path, f'must be a "host:port" string, got {_type_name(value)}')
+        return None
+    try:
+        return _split_host_port(value, default_port)
+    except ValueError as exc:
+        ck.error(path, str(exc))
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def _listen(ck: _Checker, value: object) -> tuple[tuple[str, int], ...]:
+    if value is _MISSING:
+        return DEFAULT_LISTEN
+    items: list[tuple[str, object]]
+    if isinstance(value, list):
+        if not value:
+            ck.error("listen", "must list at least one host:port")
+            return DEFAULT_LISTEN
+        items = [(f"listen[{i}]", item) for i, item in enumerate(value)]
+    else:
+        items = [("listen", value)]
+    result: list[tuple[str, int]] = []
+    for path, item in items:
+        address = _address(ck, path, item, DEFAULT_LISTEN_PORT)
+        if address is None:
+            continue
+        if address in result:
+            ck.error(path, f"duplicate address {format_address(*address)}")
+            continue
+        result.append(address)
+    return tuple(result) or DEFAULT_LISTEN
+
+
+def _endpoint(ck: _Checker, path: str, value: object) -> Endpoint | None:
+    if isinstance(value, str):
+        try:
+            host, port = _split_host_port(value, DEFAULT_SERVER_PORT)
+        except ValueError as exc:
+            ck.error(path, str(exc))
+            return None
+        return Endpoint(host, port)
+    if not isinstance(value, Mapping):
+        ck.error(
+            path,
+            f'must be "host:port" or a mapping {{host, port, weight}}, got {_type_name(value)}',
+        )
+        return None
+    data = ck.mapping(path, value, _ENDPOINT_KEYS)
+    ok = True
+    host = data.get("host", _MISSING)
+    if host is _MISSING:
+        ck.error(_join(path, "host"), "required")
+        ok = False
+    elif not isinstance(host, str) or not host.strip() or any(c.isspace() for c in host):
+        ck.error(_join(path, "host"), "must be a non-empty host name or address")
+        ok = False
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    errors_before = len(ck.errors)
+    port = ck.integer(
+        _join(path, "port"), data.get("port", _MISSING), DEFAULT_SERVER_PORT, 1, 65535
+    )
+    weight = ck.integer(_join(path, "weight"), data.get("weight", _MISSING), 1, 1, 1000)
+    if not ok or len(ck.errors) != errors_before:
+        return None
+    return Endpoint(str(host), port, weight)
+
+
+def _replica_lag(value: object) -> tuple[int | None, float | None] | None:
+    """(bytes, None) or (None, seconds); a plain number means bytes. None when invalid."""
+    try:
+        return parse_size(value), None
+    except ValueError:
+        pass
+    if isinstance(value, str):
+        try:
+            return None, parse_duration(value)
+        except ValueError:
+            pass
+    return None
+
+
+def _routing(ck: _Checker, path: str, value: object) -> Routing:
+    data = ck.mapping(path, value, _ROUTING_KEYS)
+    reads = ck.choice(_join(path, "reads"), data.get("reads", _MISSING), "replicas", ROUTING_READS)
+    scope = ck.choice(
+        _join(path, "read_your_writes_scope"),
+        data.get("read_your_writes_scope", _MISSING),
+        "connection",
+        READ_YOUR_WRITES_SCOPES,
+    )
+
+    ryw, window = "lsn", 0.0
+    raw = data.get("read_your_writes", _MISSING)
+    # YAML 1.1 reads an unquoted `off` as False (and `on` as True).
+    if raw is False or raw == "off":
+        ryw = "off"
+    elif raw is _MISSING or raw is True or raw == "lsn":
+        ryw = "lsn"
+    else:
+        try:
+            window = parse_duration(raw)
+        except ValueError:
+            window = 0.0
+        if window > 0:
+            ryw = "duration"
+        else:
+            ck.error(
+                _join(path, "read_your_writes"),
+                f"must be lsn, off or a duration like 5s (got {_show(raw)})",
+            )
+            window = 0.0
+
+    lag_bytes: int | None = DEFAULT_MAX_REPLICA_LAG_BYTES
+    lag_seconds: float | None = None
+    lag = data.get("max_replica_lag", _MISSING)
+    if lag is None or lag is False or lag == "off":
+        lag_bytes = None
+    elif lag is not _MISSING:
+        parsed = _replica_lag(lag)
+        if parsed is None:
+            ck.error(
+                _join(path, "max_replica_lag"),
+                f"must be a size like 1MB or a duration like 5s (got {_show(lag)})",
+            )
+        else:
+            lag_bytes, lag_seconds = parsed
+    return Routing(
+        reads=reads,
+        read_your_writes=ryw,
+        read_your_writes_window=window,
+        read_your_writes_scope=scope,
+        max_replica_lag_bytes=lag_bytes,
+        max_replica_lag_seconds=lag_seconds,
+    )
+
+
+def _database(ck: _Checker, path: str, name: str, value: object, top: Config) -> Database | None:
+    errors_before = len(ck.errors)
+    data = ck.mapping(path, value, _DATABASE_KEYS)
+    dbname = ck.string(_join(path, "dbname"), data.get("dbname", _MISSING), name, non_empty=True)
+
+    primary: Endpoint | None = None
+    if data.get("primary") is None:
+        ck.error(_join(path, "primary"), "required")
+    else:
+        primary = _endpoint(ck, _join(path, "primary"), data["primary"])
+
+    replicas: list[Endpoint] = []
+    raw_replicas = data.get("replicas")
+    if raw_replicas is not None and not isinstance(raw_replicas, list):
+        ck.error(_join(path, "replicas"), f"must be a list, got {_type_name(raw_replicas)}")
+    else:
+        seen = {(primary.host, primary.port): "primary"} if primary else {}
+        for i, item in enumerate(raw_replicas or ()):
+            item_path = f"{_join(path, 'replicas')}[{i}]"
+            endpoint = _endpoint(ck, item_path, item)
+            if endpoint is None:
+                continue
+            key = (endpoint.host, endpoint.port)
+            if key in seen:
+                ck.error(item_path, f"{endpoint.address} is already listed as {seen[key]}")
+                continue
+            seen[key] = f"replicas[{i}]"
+            replicas.append(endpoint)
+
+    pool_mode = ck.choice(
+        _join(path, "pool_mode"), data.get("pool_mode", _MISSING), top.pool_mode, POOL_MODES
+    )
+    pool_size = ck.integer(
+        _join(path, "pool_size"), data.get("pool_size", _MISSING), top.pool_size, 1
+    )
+    min_pool_size = ck.integer(
+        _join(path, "min_pool_size"), data.get("min_pool_size", _MISSING), top.min_pool_size, 0
+    )
+    if min_pool_size > pool_size and ("pool_size" in data or "min_pool_size" in data):
+        if "min_pool_size" in data:
+            ck.error(_join(path, "min_pool_size"), f"must be <= pool_size ({pool_size})")
+        else:
+            ck.error(
+                _join(path, "pool_size"),
+                f"must be >= min_pool_size ({min_pool_size}, inherited from the top level)",
+            )
+    reset = data.get("server_reset_query", _MISSING)
+    server_reset_query = ck.string(
+        _join(path, "server_reset_query"),
+        "" if reset is None else reset,
+        top.server_reset_query,
+    )
+    routing = _routing(ck, _join(path, "routing"), data.get("routing"))
+    if primary is None or len(ck.errors) != errors_before:
+        return None
+    return Database(
+        name=name,
+        dbname=dbname,
+        primary=primary,
+        replicas=tuple(replicas),
+        pool_mode=pool_mode,
+        pool_size=pool_size,
+        min_pool_size=min_pool_size,
+        server_reset_query=server_reset_query,
+        routing=routing,
+    )
+
+
+def _databases(ck: _Checker, value: object, top: Config) -> dict[str, Database]:
+    if value is _MISSING or value is None:
+        ck.error("databases", "required (at least one database)")
+        return {}
+    if not isinstance(value, Mapping):
+        ck.error("databases", f"must be a mapping of database names, got {_type_name(value)}")
+        return {}
+    if not value:
+        ck.error("databases", "must contain at least one database")
+        return {}
+    result: dict[str, Database] = {}
+    for name, item in value.items():
+        path = _join("databases", name)
+        if not isinstance(name, str) or not name.strip():
+            ck.error(path, "database name must be a non-empty string")
+            continue
+        if name in ADMIN_DATABASES:
+            ck.error(path, f"the name {name!r} is reserved for the admin console")
+            continue
+        database = _database(ck, path, name, item, top)
+        if database is not None:
+            result[name] = database
+    return result
+
+
+def _valid_scram_verifier(text: str) -> bool:
+    """``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`` as PostgreSQL stores it."""
+    try:
+        head, keys = text[len(SCRAM_PREFIX) :].split("$")
+        iterations, salt = head.split(":")
+        stored_key, server_key = keys.split(":")
+        if not iterations.isdigit() or int(iterations) < 1:
+            return False
+        base64.b64decode(salt, validate=True)
+        decoded = [base64.b64decode(k, validate=True) for k in (stored_key, server_key)]
+    except (ValueError, binascii.Error):
+        return False
+    return bool(salt) and all(len(k) == 32 for k in decoded)
+
+
+def _secret(ck: _Checker, path: str, value: str, auth_type: str) -> tuple[str | None, str | None]:
+    """(password, verifier) from a secret; errors never include the secret itself."""
+    if not value:
+        ck.error(path, "must not be empty")
+        return None, None
+    if value.startswith(SCRAM_PREFIX):
+        if not _valid_scram_verifier(value):
+            ck.error(
+                path,
+                "malformed SCRAM verifier (expected "
+                "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>)",
+            )
+            return None, None
+        if auth_type == "md5":
+            ck.error(path, "a SCRAM verifier cannot be used with auth_type md5")
+            return None, None
+        return None, value
+    return value, None
+
+
+def _users(ck: _Checker, value: object, env: Mapping[str, str], auth_type: str) -> dict[str, User]:
+    if value is _MISSING or value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        ck.error("users", f"must be a mapping of user names, got {_type_name(value)}")
+        return {}
+    result: dict[str, User] = {}
+    for name, item in value.items():
+        path = _join("users", name)
+        if not isinstance(name, str) or not name.strip():
+            ck.error(path, "user name must be a non-empty string")
+            continue
+        if item is not None and not isinstance(item, Mapping):
+            # Never echo the value: it is most likely a password written in the wrong place.
+            ck.error(path, f"must be a mapping like {{password: ...}}, got {_type_name(item)}")
+            continue
+        data = ck.mapping(path, item, _USER_KEYS)
+        password: str | None = None
+        verifier: str | None = None
+        if "password" in data and "password_env" in data:
+            ck.error(path, "set only one of password and password_env")
+        elif "password" in data:
+            raw = data["password"]
+            if not isinstance(raw, str):
+                ck.error(
+                    _join(path, "password"),
+                    f"must be a string (quote it in YAML), got {_type_name(raw)}",
+                )
+            else:
+                password, verifier = _secret(ck, _join(path, "password"), raw, auth_type)
+        elif "password_env" in data:
+            var = data["password_env"]
+            env_path = _join(path, "password_env")
+            if not isinstance(var, str) or not var.strip():
+                ck.error(env_path, "must be the name of an environment variable")
+            elif var not in env:
+                ck.error(env_path, f"environment variable {var} is not set")
+            elif not env[var]:
+                ck.error(env_path, f"environment variable {var} is empty")
+            else:
+                password, verifier = _secret(ck, env_path, env[var], auth_type)
+        elif auth_type != "trust":
+            ck.error(path, f"needs password or password_env (auth_type is {auth_type})")
+        result[name] = User(name=name, password=password, scram_verifier=verifier)
+    return result
+
+
+def _admin(ck: _Checker, value: object) -> Admin:
+    data = ck.mapping("admin", value, _ADMIN_KEYS)
+    users: list[str] = []
+    raw_users = data.get("users")
+    if raw_users is not None and not isinstance(raw_users, list):
+        ck.error("admin.users", f"must be a list of user names, got {_type_name(raw_users)}")
+    else:
+        for i, item in enumerate(raw_users or ()):
+            if not isinstance(item, str) or not item.strip():
+                ck.error(f"admin.users[{i}]", "must be a non-empty string")
+            elif item not in users:
+                users.append(item)
+    http: tuple[str, int] | None = None
+    if data.get("http") is not None:
+        http = _address(ck, "admin.http", data["http"], None)
+    return Admin(users=tuple(users), http=http)
+
+
+def _log(ck: _Checker, value: object) -> LogConfig:
+    data = ck.mapping("log", value, _LOG_KEYS)
+    level = data.get("level", _MISSING)
+    if isinstance(level, str):
+        level = level.lower()
+    return LogConfig(
+        level=ck.choice("log.level", level, "info", LOG_LEVELS),
+        format=ck.choice("log.format", data.get("format", _MISSING), "console", LOG_FORMATS),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def parse_config(
+    data: object, env: Mapping[str, str] | None = None, source: str | None = None
+) -> Config:
+    """Validate already-loaded YAML data; raise ConfigError listing every problem.
+
+    ``env`` resolves ``password_env`` (default: ``os.environ``); tests pass a fake mapping.
+    """
+    env = os.environ if env is None else env
+    ck = _Checker()
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"(top level): must be a mapping, got {_type_name(data)}"])
+    top = ck.mapping("", data, _TOP_KEYS)
+    defaults = Config()
+
+    def get(key: str) -> Any:
+        return top.get(key, _MISSING)
+
+    pool_size = ck.integer("pool_size", get("pool_size"), defaults.pool_size, 1)
+    min_pool_size = ck.integer("min_pool_size", get("min_pool_size"), defaults.min_pool_size, 0)
+    if min_pool_size > pool_size:
+        ck.error("min_pool_size", f"must be <= pool_size ({pool_size})")
+        min_pool_size = min(defaults.min_pool_size, pool_size)
+
+    def duration(key: str, *, positive: bool) -> float:
+        default: float = getattr(defaults, key)
+        return ck.duration(key, get(key), default, positive=positive)
+
+    max_packet_size = ck.size(
+        "max_packet_size", get("max_packet_size"), defaults.max_packet_size, positive=True
+    )
+    if max_packet_size < _MIN_PACKET_SIZE:
+        ck.error("max_packet_size", "must be at least 1kB")
+        max_packet_size = defaults.max_packet_size
+    reset = get("server_reset_query")
+    auth_type = ck.choice("auth_type", get("auth_type"), defaults.auth_type, AUTH_TYPES)
+
+    base = Config(
+        listen=_listen(ck, get("listen")),
+        pool_mode=ck.choice("pool_mode", get("pool_mode"), defaults.pool_mode, POOL_MODES),
+        pool_size=pool_size,
+        min_pool_size=min_pool_size,
+        max_client_conn=ck.integer(
+            "max_client_conn", get("max_client_conn"), defaults.max_client_conn, 1
+        ),
+        server_idle_timeout=duration("server_idle_timeout", positive=True),
+        server_lifetime=duration("server_lifetime", positive=True),
+        server_connect_timeout=duration("server_connect_timeout", positive=True),
+        query_wait_timeout=duration("query_wait_timeout", positive=True),
+        client_login_timeout=duration("client_login_timeout", positive=True),
+        shutdown_timeout=duration("shutdown_timeout", positive=False),
+        max_packet_size=max_packet_size,
+        server_reset_query=ck.string(
+            "server_reset_query", "" if reset is None else reset, defaults.server_reset_query
+        ),
+        auth_type=auth_type,
+        source=source,
+    )
+    users = _users(ck, get("users"), env, auth_type)
+    admin = _admin(ck, top.get("admin"))
+    log = _log(ck, top.get("log"))
+    databases = _databases(ck, get("databases"), base)
+    if ck.errors:
+        raise ConfigError(ck.errors)
+    return dataclasses.replace(
+        base,
+        users=MappingProxyType(users),
+        admin=admin,
+        log=log,
+        databases=MappingProxyType(databases),
+    )
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` keys may legitimately be overridden
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable key; let the normal constructor report it
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {_show(key)}", key_node.start_mark
+            )
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a topology file; I/O and YAML syntax errors become ConfigError."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{name}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{name}: cannot read: {reason}"]) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        # Only the position and the parser's description: the offending line (which could hold
+        # a password) is deliberately left out.
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([f"{where}: YAML syntax error: {problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{name}: YAML error: {type(exc).__name__}"]) from None
+    return parse_config(data, env=env, source=name)
+
+
+def check_main(path: str) -> int:
+    """``pgrouter check --config PATH``: 0 and a summary if valid, else 1 and every error."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    print(f"OK: {len(config.databases)} databases, {len(config.users)} users ({path})")
+    return 0

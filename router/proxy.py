@@ -1,0 +1,193 @@
+"""The running proxy: listeners, the pools of every database, client registry, janitor."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import time
+
+import structlog
+
+from pools.pool import Pool, PoolKey, PoolSettings
+from pools.server import send_cancel
+from protocol.auth import ScramAuthInfo, parse_scram_verifier, scram_auth_info
+from router.client import ClientSession, new_cancel_key
+from router.config import Config, Database, Endpoint
+
+log = structlog.get_logger("pgrouter.proxy")
+JANITOR_INTERVAL = 1.0
+
+
+class Proxy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pools: dict[PoolKey, Pool] = {}
+        self.clients: set[ClientSession] = set()
+        self.listeners: list[asyncio.Server] = []
+        self.started = time.time()
+        self.auth_failures = 0
+        self.cancel_requests = 0
+        self._cancel_keys: dict[int, ClientSession] = {}
+        self._secrets: dict[tuple[str, str], tuple[str | None, ScramAuthInfo | None]] = {}
+        self._janitor: asyncio.Task[None] | None = None
+        self._dummy_scram: ScramAuthInfo | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.config.listen:
+            server = await loop.create_server(
+                lambda: ClientSession(self),
+                None if host in ("*", "") else host,  # every interface
+                port,
+                reuse_address=True,
+                backlog=2048,
+            )
+            self.listeners.append(server)
+            log.info("listening", address=f"{host}:{port}")
+        self._janitor = loop.create_task(self._janitor_loop())
+        for database in self.config.databases.values():
+            for user in self.config.users:
+                if database.min_pool_size > 0:
+                    self.pool_for(database, user).fill()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, let linked clients finish their transactions, then close."""
+        for server in self.listeners:
+            server.close()
+        deadline = time.monotonic() + timeout
+        while any(c.server is not None or c.waiting for c in self.clients):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            client.fatal("57P01", "terminating connection due to administrator command")
+        for pool in self.pools.values():
+            pool.close()
+        if self._janitor is not None:
+            self._janitor.cancel()
+        await asyncio.sleep(0)  # let transports flush their last writes
+
+    def reload(self, config: Config) -> None:
+        """Use `config` for new logins and pool settings; connected clients stay."""
+        self.config = config
+        self._secrets.clear()
+        for key, pool in self.pools.items():
+            database = config.databases.get(key.database)
+            if database is None:
+                pool.close()
+            else:
+                pool.settings = self._pool_settings(database)
+                pool.password = self._server_password(key.user)
+        log.info("configuration reloaded", databases=len(config.databases))
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_INTERVAL)
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                pool.maintain(now)
+
+    # ---- clients ------------------------------------------------------------------------------
+
+    @property
+    def client_count(self) -> int:
+        return len(self.clients)
+
+    def client_connected(self, client: ClientSession) -> None:
+        self.clients.add(client)
+
+    def client_gone(self, client: ClientSession) -> None:
+        self.clients.discard(client)
+        if self._cancel_keys.get(client.key[0]) is client:
+            del self._cancel_keys[client.key[0]]
+
+    def register_cancel_key(self, client: ClientSession) -> tuple[int, int]:
+        while True:
+            key = new_cancel_key()
+            if key[0] not in self._cancel_keys:
+                self._cancel_keys[key[0]] = client
+                return key
+
+    def cancel(self, key: tuple[int, int]) -> None:
+        """Forward a CancelRequest to the server serving the client with exactly this key."""
+        self.cancel_requests += 1
+        client = self._cancel_keys.get(key[0])
+        if client is None:
+            return
+        if not hmac.compare_digest(key[1].to_bytes(4, "big"), client.key[1].to_bytes(4, "big")):
+            return
+        server = client.server
+        if server is None:
+            return
+        asyncio.get_running_loop().create_task(
+            _quiet(send_cancel(server.host, server.port, server.backend_key))
+        )
+
+    def user_secrets(self, user: str, method: str) -> tuple[str | None, ScramAuthInfo | None]:
+        """The password and SCRAM keys to check `user` with (PBKDF2 runs once per user).
+
+        An unknown user gets random secrets, so the exchange fails exactly like a wrong
+        password and never reveals whether the user exists.
+        """
+        cached = self._secrets.get((user, method))
+        if cached is not None:
+            return cached
+        entry = self.config.users.get(user)
+        if entry is None:
+            if method == "trust":
+                return None, None
+            if self._dummy_scram is None:
+                self._dummy_scram = scram_auth_info(secrets.token_hex(16))
+            return secrets.token_hex(16), self._dummy_scram
+        info: ScramAuthInfo | None = None
+        if method == "scram-sha-256":
+            if entry.scram_verifier:
+                info = parse_scram_verifier(entry.scram_verifier)
+            elif entry.password is not None:
+                info = scram_auth_info(entry.password)
+        result = (entry.password, info)
+        self._secrets[(user, method)] = result
+        return result
+
+    # ---- pools --------------------------------------------------------------------------------
+
+    def _pool_settings(self, database: Database) -> PoolSettings:
+        c = self.config
+        return PoolSettings(
+            pool_size=database.pool_size,
+            min_pool_size=database.min_pool_size,
+            server_idle_timeout=c.server_idle_timeout,
+            server_lifetime=c.server_lifetime,
+            server_connect_timeout=c.server_connect_timeout,
+            query_wait_timeout=c.query_wait_timeout,
+            server_reset_query=database.server_reset_query
+            if database.pool_mode == "session"
+            else "",
+        )
+
+    def _server_password(self, user: str) -> str | None:
+        entry = self.config.users.get(user)
+        return entry.password if entry is not None else None
+
+    def pool_for(self, database: Database, user: str, endpoint: Endpoint | None = None) -> Pool:
+        """The pool for (database, user, backend); the primary until routing picks another."""
+        backend = endpoint or database.primary
+        key = PoolKey(database.name, user, backend.host, backend.port)
+        pool = self.pools.get(key)
+        if pool is None or pool.closed:
+            pool = Pool(
+                key, database.dbname, self._server_password(user), self._pool_settings(database)
+            )
+            self.pools[key] = pool
+        return pool
+
+
+async def _quiet(coro: object) -> None:
+    """Run a fire-and-forget coroutine, logging instead of raising."""
+    try:
+        await coro  # type: ignore[misc]
+    except (OSError, TimeoutError) as exc:
+        log.info("cancel request not delivered", error=str(exc))
