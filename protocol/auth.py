@@ -18,6 +18,7 @@ import scramp
 from protocol import messages as m
 from protocol.errors import INVALID_PASSWORD, PROTOCOL_VIOLATION, parse_error_fields
 from protocol.framing import MessageReader
+from protocol.scram import ScramError, ScramVerifier
 
 _I32 = struct.Struct("!I")
 SCRAM_ITERATIONS = 4096
@@ -172,7 +173,7 @@ class ClientAuth:
         self.scram_info = scram_info
         self.done = False
         self._salt = b""
-        self._scram: scramp.core.ScramServer | None = None
+        self._scram: ScramVerifier | None = None
 
     def start(self) -> bytes:
         if self.method == "trust":
@@ -215,14 +216,11 @@ class ClientAuth:
                     raise AuthFailed("unsupported SASL mechanism")
                 (length,) = _I32.unpack_from(body, mech_end + 1)
                 first = body[mech_end + 5 : mech_end + 5 + length].decode()
-                mech = scramp.ScramMechanism("SCRAM-SHA-256")
-                self._scram = mech.make_server(lambda _username: info)
-                self._scram.set_client_first(first)
-                return m.authentication(
-                    m.AUTH_SASL_CONTINUE, self._scram.get_server_first().encode()
-                )
-            self._scram.set_client_final(body.decode())
-        except (scramp.ScramException, ValueError, UnicodeDecodeError, struct.error) as exc:
+                self._scram = ScramVerifier(*info)
+                server_first = self._scram.server_first(first)
+                return m.authentication(m.AUTH_SASL_CONTINUE, server_first.encode())
+            server_final = self._scram.server_final(body.decode())
+        except (ScramError, ValueError, UnicodeDecodeError, struct.error) as exc:
             raise AuthFailed(f"SCRAM exchange failed: {exc}") from exc
         self.done = True
-        return m.authentication(m.AUTH_SASL_FINAL, self._scram.get_server_final().encode())
+        return m.authentication(m.AUTH_SASL_FINAL, server_final.encode())
