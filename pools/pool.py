@@ -77,8 +77,7 @@ class Pool:
         self.active: set[ServerConnection] = set()
         self.connecting = 0
         self.waiters: deque[Waiter] = deque()
-        self._timers: dict[Waiter, asyncio.TimerHandle] = {}
-        self._wait_start: dict[Waiter, float] = {}
+        self._wait_start: dict[Waiter, float] = {}  # checked by `maintain`, not per-waiter timers
         self.parameters: dict[str, str] | None = None  # the welcome set, from the first login
         self.closed = False
         self.paused = False
@@ -109,10 +108,6 @@ class Pool:
             return server
         self.waiters.append(waiter)
         self._wait_start[waiter] = time.monotonic()
-        timeout = self.settings.query_wait_timeout
-        if timeout > 0:
-            loop = asyncio.get_running_loop()
-            self._timers[waiter] = loop.call_later(timeout, self._wait_timed_out, waiter)
         self._grow()
         return None
 
@@ -175,9 +170,6 @@ class Pool:
         waiter.server_assigned(server)
 
     def _forget_waiter(self, waiter: Waiter) -> None:
-        timer = self._timers.pop(waiter, None)
-        if timer is not None:
-            timer.cancel()
         start = self._wait_start.pop(waiter, None)
         if start is not None:
             waited = time.monotonic() - start
@@ -185,12 +177,13 @@ class Pool:
             self.wait_time += waited
             self.max_wait = max(self.max_wait, waited)
 
+    def expire_waiters(self, now: float) -> None:
+        """Fail clients waiting longer than query_wait_timeout (oldest first: a FIFO)."""
+        timeout = self.settings.query_wait_timeout
+        while self.waiters and now - self._wait_start[self.waiters[0]] >= timeout:
+            self._wait_timed_out(self.waiters.popleft())
+
     def _wait_timed_out(self, waiter: Waiter) -> None:
-        self._timers.pop(waiter, None)
-        try:
-            self.waiters.remove(waiter)
-        except ValueError:
-            return
         self._forget_waiter(waiter)
         detail = f" ({self.last_error.message})" if self.last_error else ""
         waiter.server_unavailable(
@@ -263,6 +256,7 @@ class Pool:
     def maintain(self, now: float) -> None:
         """Close idle servers past server_idle_timeout or server_lifetime; refill."""
         s = self.settings
+        self.expire_waiters(now)
         keep = s.min_pool_size
         survivors: deque[ServerConnection] = deque()
         for server in self.idle:

@@ -51,6 +51,7 @@ class ServerConnection(asyncio.Protocol):
         self.created = time.monotonic()
         self.last_used = self.created
         self.closed = False
+        self.reading_paused = False
         self.on_lost: Callable[[ServerConnection], None] | None = None  # the owning pool's hook
         self._hidden: MessageReader | None = None  # reading replies of a hidden query
         self._hidden_pending = 0
@@ -172,12 +173,22 @@ class ServerConnection(asyncio.Protocol):
 
     def link(self, client: ServerClient) -> None:
         self.client = client
-        self.last_used = time.monotonic()
 
     def unlink(self) -> None:
         self.client = None
-        self.last_used = time.monotonic()
-        if self.transport is not None and not self.closed:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def pause_reading(self) -> None:
+        """The linked client cannot take more: stop reading from the server."""
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.reading_paused:
+            self.reading_paused = False
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:

@@ -142,13 +142,13 @@ class ClientSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
-        if self._server_transport is not None:
-            self._server_transport.pause_reading()
+        if self.server is not None:
+            self.server.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self._server_transport is not None:
-            self._server_transport.resume_reading()
+        if self.server is not None:
+            self.server.resume_reading()
 
     # ---- errors and closing -------------------------------------------------------------------
 
@@ -399,7 +399,7 @@ class ClientSession(asyncio.Protocol):
             server.settings = dict(self.settings)
             server.run_hidden(sql, lambda errors: self._settings_applied(server, errors))
         if self.paused:
-            server.transport.pause_reading()  # type: ignore[union-attr]
+            server.pause_reading()
         data = bytes(self.buffer)
         self.buffer.clear()
         server.write(data)

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Make sure this machine can run pgrouter's demo, tests and benchmark: they start throwaway
+# PostgreSQL servers, so they need the server binaries (initdb, pg_ctl, pg_basebackup,
+# postgres), psql and pgbench. Installs them with apt when root on Debian/Ubuntu; otherwise
+# prints what to install and exits 1. Run by `make install`; safe to run again.
+set -euo pipefail
+
+NEED=(initdb pg_ctl pg_basebackup postgres psql pgbench)
+
+# Same search order as router.cluster.find_pg_bindir().
+find_bindir() {
+    local dir candidates=()
+    if [[ -n "${PG_BINDIR:-}" ]]; then
+        candidates+=("$PG_BINDIR")
+    fi
+    if command -v pg_config >/dev/null 2>&1; then
+        candidates+=("$(pg_config --bindir 2>/dev/null || true)")
+    fi
+    while IFS= read -r dir; do
+        candidates+=("$dir")
+    done < <(printf '%s\n' /usr/lib/postgresql/*/bin | grep -v '\*' | sort -t/ -k5,5 -V -r)
+    candidates+=(/usr/local/bin /usr/local/pgsql/bin)
+    for dir in "${candidates[@]}"; do
+        if [[ -n "$dir" && -x "$dir/initdb" ]]; then
+            echo "$dir"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Prints the missing programs (nothing when all are there).
+missing() {
+    local bindir prog
+    bindir="$(find_bindir || true)"
+    for prog in "${NEED[@]}"; do
+        if [[ -n "$bindir" && -x "$bindir/$prog" ]] || command -v "$prog" >/dev/null 2>&1; then
+            continue
+        fi
+        # The PATH only counts for the client tools; the server ones must sit with initdb.
+        echo "$prog"
+    done
+}
+
+explain() {
+    cat >&2 <<'MSG'
+pgrouter's demo, tests and benchmark need the PostgreSQL server binaries (initdb, pg_ctl,
+pg_basebackup, postgres), psql and pgbench. Install them:
+    Debian/Ubuntu:  sudo apt-get install postgresql postgresql-contrib
+    Fedora/RHEL:    sudo dnf install postgresql-server postgresql-contrib
+    macOS:          brew install postgresql@16
+or set PG_BINDIR to the directory that holds initdb. Then run `make install` again.
+MSG
+}
+
+todo="$(missing)"
+if [[ -n "$todo" ]]; then
+    echo "bootstrap: missing: $(echo "$todo" | tr '\n' ' ')" >&2
+    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing PostgreSQL with apt-get" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update
+        apt-get install -y --no-install-recommends postgresql postgresql-contrib
+        todo="$(missing)"
+        if [[ -n "$todo" ]]; then
+            echo "bootstrap: still missing after apt-get: $(echo "$todo" | tr '\n' ' ')" >&2
+            explain
+            exit 1
+        fi
+    else
+        explain
+        exit 1
+    fi
+fi
+
+# As root the servers run as `postgres` (PostgreSQL refuses to run as root). The Debian
+# package creates that user; a source build may not have.
+if [[ "$(id -u)" -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
+    if command -v useradd >/dev/null 2>&1; then
+        echo "bootstrap: creating the system user postgres" >&2
+        useradd --system --user-group --home-dir /var/lib/postgresql --create-home \
+            --shell /bin/bash postgres
+    else
+        echo "bootstrap: running as root needs an OS user 'postgres'; create it" >&2
+        exit 1
+    fi
+fi
+
+bindir="$(find_bindir)"
+echo "bootstrap: PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') in $bindir;" \
+    "pgbench: $(command -v "$bindir/pgbench" || command -v pgbench)"
