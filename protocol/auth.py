@@ -2,7 +2,8 @@
 
 `ServerLogin` logs the proxy in to a PostgreSQL server (trust, cleartext, md5, SCRAM-SHA-256).
 `ClientAuth` checks a connecting client (trust, cleartext, md5, SCRAM-SHA-256). SCRAM is
-scramp's; the PBKDF2 work is done once per password by `scram_auth_info`, not per login.
+`protocol.scram` (SASLprep from scramp); the PBKDF2 work is done once per password by
+`scram_auth_info`, not per login.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import hmac
 import secrets
 import struct
 
-import scramp
-
 from protocol import messages as m
 from protocol.errors import INVALID_PASSWORD, PROTOCOL_VIOLATION, parse_error_fields
 from protocol.framing import MessageReader
-from protocol.scram import ScramError, ScramVerifier
+from protocol.scram import ScramClient, ScramError, ScramVerifier, derive_keys
 
 _I32 = struct.Struct("!I")
 SCRAM_ITERATIONS = 4096
@@ -37,9 +36,9 @@ def md5_password(user: str, password: str, salt: bytes) -> str:
 
 def scram_auth_info(password: str, iterations: int = SCRAM_ITERATIONS) -> ScramAuthInfo:
     """Salt and keys for verifying SCRAM logins against a cleartext password (PBKDF2 once)."""
-    mech = scramp.ScramMechanism("SCRAM-SHA-256")
-    salt, stored_key, server_key, iters = mech.make_auth_info(password, iteration_count=iterations)
-    return salt, stored_key, server_key, iters
+    salt = secrets.token_bytes(16)
+    _, stored_key, server_key = derive_keys(password, salt, iterations)
+    return salt, stored_key, server_key, iterations
 
 
 def parse_scram_verifier(verifier: str) -> ScramAuthInfo:
@@ -82,7 +81,7 @@ class ServerLogin:
         self.parameters: dict[str, str] = {}
         self.backend_key: tuple[int, int] = (0, 0)
         self.done = False
-        self._scram: scramp.ScramClient | None = None
+        self._scram: ScramClient | None = None
 
     def startup(self) -> bytes:
         return m.startup_message(self.params)
@@ -134,20 +133,18 @@ class ServerLogin:
             mechanisms = m.split_cstrings(payload)
             if "SCRAM-SHA-256" not in mechanisms:
                 raise LoginError(PROTOCOL_VIOLATION, f"no supported SASL mechanism in {mechanisms}")
-            self._scram = scramp.ScramClient(["SCRAM-SHA-256"], self.user, self._need_password())
-            first = self._scram.get_client_first().encode()
+            self._scram = ScramClient(self._need_password())
+            first = self._scram.client_first().encode()
             return m.sasl_initial_response("SCRAM-SHA-256", first)
-        if code == m.AUTH_SASL_CONTINUE and self._scram is not None:
-            self._scram.set_server_first(payload.decode())
-            return m.password_message(self._scram.get_client_final().encode())
-        if code == m.AUTH_SASL_FINAL and self._scram is not None:
-            try:
-                self._scram.set_server_final(payload.decode())
-            except scramp.ScramException as exc:
-                raise LoginError(
-                    INVALID_PASSWORD, f"server SCRAM signature invalid: {exc}"
-                ) from exc
-            return b""
+        try:
+            if code == m.AUTH_SASL_CONTINUE and self._scram is not None:
+                final = self._scram.client_final(payload.decode())
+                return m.password_message(final.encode())
+            if code == m.AUTH_SASL_FINAL and self._scram is not None:
+                self._scram.verify_server_final(payload.decode())
+                return b""
+        except (ScramError, UnicodeDecodeError) as exc:
+            raise LoginError(INVALID_PASSWORD, f"SCRAM login to the server failed: {exc}") from exc
         raise LoginError(PROTOCOL_VIOLATION, f"unsupported authentication request {code}")
 
 

@@ -168,6 +168,8 @@ def parse_startup_body(body: bytes) -> StartupPacket:
     if not rest.endswith(b"\0"):
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     strings = split_cstrings(rest[:-1])
+    if "" in strings[::2]:  # an empty name ends the list: PostgreSQL wants nothing after it
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     if len(strings) % 2:
         raise ProtocolViolation("invalid startup packet layout: odd number of strings")
     packet = StartupPacket(code)

@@ -57,6 +57,8 @@ class BackendScanner:
             if end < pos + 5:
                 raise ProtocolViolation("server sent an invalid message length")
             if kind == _Z:
+                if end != pos + 6:
+                    raise ProtocolViolation("server sent a ReadyForQuery of the wrong length")
                 if end > n:
                     break
                 self.status = data[pos + 5]

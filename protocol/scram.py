@@ -1,9 +1,9 @@
-"""The verifying side of SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL speaks it.
+"""SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL speaks it, both sides.
 
-libpq sends an empty user name in client-first (PostgreSQL takes the user from the
-startup packet), which scramp's server rejects; and SCRAM pass-through to servers needs
-the ClientKey recovered from the client's proof. So this side is ours; the client side and
-the PBKDF2 key derivation stay scramp's.
+PostgreSQL differs from the RFC where generic libraries are strict: the user name in
+client-first is empty (the startup packet names the user), and a password that fails
+SASLprep is used as raw bytes. SCRAM pass-through also needs the ClientKey recovered from
+a client's proof. So the exchange is ours; SASLprep itself is scramp's.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import base64
 import hashlib
 import hmac
 import secrets
+
+from scramp.utils import saslprep
 
 
 class ScramError(Exception):
@@ -29,6 +31,85 @@ def _attributes(text: str) -> dict[str, str]:
 
 def _hmac(key: bytes, msg: bytes) -> bytes:
     return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def normalize_password(password: str) -> bytes:
+    """SASLprep, or the raw UTF-8 bytes when that fails (as libpq and PostgreSQL do)."""
+    try:
+        return saslprep(password).encode()
+    except Exception:  # scramp raises its own exception for prohibited characters
+        return password.encode()
+
+
+def salted_password(password: str, salt: bytes, iterations: int) -> bytes:
+    return hashlib.pbkdf2_hmac("sha256", normalize_password(password), salt, iterations)
+
+
+def derive_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
+    """(ClientKey, StoredKey, ServerKey) for a password: the PBKDF2 work, done once."""
+    salted = salted_password(password, salt, iterations)
+    client_key = _hmac(salted, b"Client Key")
+    return client_key, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key")
+
+
+class ScramClient:
+    """The logging-in side, from a password or (pass-through) from known keys."""
+
+    def __init__(
+        self,
+        password: str | None = None,
+        *,
+        client_key: bytes | None = None,
+        server_key: bytes | None = None,
+    ) -> None:
+        if password is None and (client_key is None or server_key is None):
+            raise ValueError("SCRAM needs a password or both keys")
+        self._password = password
+        self._client_key = client_key
+        self._server_key = server_key
+        self._nonce = _b64(secrets.token_bytes(18))
+        self._first_bare = f"n=,r={self._nonce}"
+        self._expected_signature = b""
+
+    def client_first(self) -> str:
+        return "n,," + self._first_bare
+
+    def client_final(self, server_first: str) -> str:
+        attrs = _attributes(server_first)
+        nonce = attrs.get("r", "")
+        if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
+            raise ScramError("server nonce does not extend ours")
+        try:
+            salt = base64.b64decode(attrs["s"], validate=True)
+            iterations = int(attrs["i"])
+        except (KeyError, ValueError) as exc:
+            raise ScramError("server-first lacks a valid salt or iteration count") from exc
+        if self._password is not None:
+            client_key, _, server_key = derive_keys(self._password, salt, iterations)
+        else:
+            assert self._client_key is not None and self._server_key is not None
+            client_key, server_key = self._client_key, self._server_key
+        without_proof = f"c=biws,r={nonce}"
+        auth_message = f"{self._first_bare},{server_first},{without_proof}".encode()
+        signature = _hmac(hashlib.sha256(client_key).digest(), auth_message)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        self._expected_signature = _hmac(server_key, auth_message)
+        return f"{without_proof},p={_b64(proof)}"
+
+    def verify_server_final(self, server_final: str) -> None:
+        attrs = _attributes(server_final)
+        if "e" in attrs:
+            raise ScramError(f"server rejected the exchange: {attrs['e']}")
+        try:
+            signature = base64.b64decode(attrs.get("v", ""), validate=True)
+        except ValueError as exc:
+            raise ScramError("server signature is not base64") from exc
+        if not hmac.compare_digest(signature, self._expected_signature):
+            raise ScramError("server signature does not match: not the real server")
 
 
 class ScramVerifier:
@@ -56,8 +137,8 @@ class ScramVerifier:
             raise ScramError("client-first lacks a nonce or user name")
         self._gs2 = f"{gs2_flag},{authzid},"
         self._client_first_bare = bare
-        self._nonce = client_nonce + base64.b64encode(secrets.token_bytes(18)).decode()
-        salt = base64.b64encode(self.salt).decode()
+        self._nonce = client_nonce + _b64(secrets.token_bytes(18))
+        salt = _b64(self.salt)
         self._server_first = f"r={self._nonce},s={salt},i={self.iterations}"
         return self._server_first
 
@@ -68,7 +149,7 @@ class ScramVerifier:
         attrs = _attributes(without_proof)
         if attrs.get("r") != self._nonce:
             raise ScramError("nonce mismatch")
-        if attrs.get("c") != base64.b64encode(self._gs2.encode()).decode():
+        if attrs.get("c") != _b64(self._gs2.encode()):
             raise ScramError("channel binding data mismatch")
         try:
             proof = base64.b64decode(proof_b64, validate=True)
@@ -82,4 +163,4 @@ class ScramVerifier:
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.stored_key):
             raise ScramError("wrong password")
         self.client_key = client_key
-        return "v=" + base64.b64encode(_hmac(self.server_key, auth_message)).decode()
+        return "v=" + _b64(_hmac(self.server_key, auth_message))
