@@ -210,6 +210,7 @@ class Pool:
 
     async def _connect(self) -> None:
         key = self.key
+        error: PoolError | None = None
         try:
             server = await open_server(
                 key.host,
@@ -220,16 +221,16 @@ class Pool:
                 self.settings.server_connect_timeout,
             )
         except LoginError as exc:
-            self._connect_failed(PoolError(exc.sqlstate, exc.message))
-            return
+            error = PoolError(exc.sqlstate, exc.message)
         except (OSError, TimeoutError, ConnectionError) as exc:
             what = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-            self._connect_failed(
-                PoolError(CONNECTION_FAILURE, f"cannot connect to {key.host}:{key.port}: {what}")
+            error = PoolError(
+                CONNECTION_FAILURE, f"cannot connect to {key.host}:{key.port}: {what}"
             )
+        self.connecting -= 1
+        if error is not None:
+            self._connect_failed(error)
             return
-        finally:
-            self.connecting -= 1
         self.connect_count += 1
         self.last_error = None
         if self.parameters is None:
