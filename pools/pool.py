@@ -259,12 +259,14 @@ class Pool:
         s = self.settings
         self.expire_waiters(now)
         keep = s.min_pool_size
+        total = len(self.idle) + len(self.active)
         survivors: deque[ServerConnection] = deque()
         for server in self.idle:
             expired = now - server.created > s.server_lifetime
             stale = now - server.last_used > s.server_idle_timeout
-            if server.closed or expired or (stale and len(self.idle) + len(self.active) > keep):
+            if server.closed or expired or (stale and total > keep):
                 server.close()
+                total -= 1
             else:
                 survivors.append(server)
         self.idle = survivors

@@ -29,7 +29,7 @@ class ServerClient(Protocol):
 
     transport: asyncio.Transport
 
-    def server_ready(self, count: int) -> None: ...
+    def server_ready(self, data: bytes, count: int) -> None: ...
     def server_lost(self, server: ServerConnection, reason: str) -> None: ...
     def server_notice(self, data: bytes) -> None: ...
 
@@ -77,11 +77,23 @@ class ServerConnection(asyncio.Protocol):
                 self._read_login(data)
             else:
                 self.scanner.feed(data)  # an idle server's notice or parameter change
+                if self.scanner.params:
+                    self._take_parameters()
             return
         ready = self.scanner.feed(data)
-        client.transport.write(data)
+        if self.scanner.params:
+            self._take_parameters()
         if ready:
-            client.server_ready(ready)
+            client.server_ready(data, ready)  # it forwards the data and may release us
+        else:
+            client.transport.write(data)
+
+    def _take_parameters(self) -> None:
+        """Keep the server's reported values (canonical forms) current."""
+        for body in self.scanner.params:
+            name, value = m.parse_parameter_status(body)
+            self.parameters[name] = value
+        self.scanner.params.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -98,6 +98,8 @@ class ClientSession(asyncio.Protocol):
         self._reader: MessageReader | None = None
         self._auth: ClientAuth | None = None
         self._login_timer: asyncio.TimerHandle | None = None
+        self._reported: dict[str, str] = {}  # ParameterStatus values the client was told
+        self._canonical = True  # False until reported settings were checked against a server
         self.connected_at = 0.0
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
@@ -332,8 +334,11 @@ class ClientSession(asyncio.Protocol):
     def _welcome(self) -> None:
         assert self.pool is not None and self.pool.parameters is not None
         out = [m.AUTHENTICATION_OK]
+        reported = self._reported
         for name, value in self.pool.parameters.items():
-            out.append(m.parameter_status(name, self.settings.get(name.lower(), value)))
+            reported[name] = self.settings.get(name.lower(), value)
+            out.append(m.parameter_status(name, reported[name]))
+        self._canonical = not self.settings
         out.append(m.backend_key_data(*self.key))
         out.append(m.ready_for_query())
         self.transport.write(b"".join(out))
@@ -398,11 +403,33 @@ class ClientSession(asyncio.Protocol):
             sql = settings_sql(server.settings, self.settings)
             server.settings = dict(self.settings)
             server.run_hidden(sql, lambda errors: self._settings_applied(server, errors))
+            self._canonical = True  # the server reports the canonical values itself
+        elif not self._canonical:
+            self._report_canonical(server)
         if self.paused:
             server.pause_reading()
         data = bytes(self.buffer)
         self.buffer.clear()
         server.write(data)
+
+    def _report_canonical(self, server: ServerConnection) -> None:
+        """Once per client: correct what the welcome reported (the client's raw spelling,
+        e.g. DateStyle 'SQL,DMY') to the server's canonical values, which drivers parse."""
+        self._canonical = True
+        names = {name.lower(): name for name in server.parameters}
+        out = []
+        for setting in self.settings:
+            name = names.get(setting)
+            if name is not None and self._reported.get(name) != server.parameters[name]:
+                out.append(m.parameter_status(name, server.parameters[name]))
+        if out:
+            self.transport.write(b"".join(out))
+
+    def cancel_waiting(self) -> None:
+        """A cancel for a client still queued for a server: its query never started."""
+        if self.waiting and self.state is State.READY and self.pool is not None:
+            self.pool.cancel_wait(self._waiter)
+            self.server_unavailable(e.QUERY_CANCELED, "canceling statement due to user request")
 
     def _settings_applied(self, server: ServerConnection, errors: list[dict[str, str]]) -> None:
         if not errors:
@@ -423,19 +450,21 @@ class ClientSession(asyncio.Protocol):
         self.pending = 0
         self.transport.write(b"".join(out))
 
-    def server_ready(self, count: int) -> None:
-        """The server sent `count` ReadyForQuery: release it if the transaction is over."""
-        self.pending -= count
-        if self.pending > 0 or self.mode == "session":
-            return
+    def server_ready(self, data: bytes, count: int) -> None:
+        """Forward a chunk that ended `count` queries; release the server if the transaction
+        is over."""
         server = self.server
         assert server is not None and self.pool is not None
-        if server.scanner.status != _I:
-            if self.mode == "statement":
-                self.fatal(
-                    e.FEATURE_NOT_SUPPORTED,
-                    "transaction blocks not allowed in statement pooling mode",
-                )
+        if server.scanner.status != _I and self.mode == "statement":
+            # Hold back the ReadyForQuery that would tell the client a transaction is open.
+            self.transport.write(data[:-6] if data[-6] == 90 else data)
+            self.fatal(
+                e.FEATURE_NOT_SUPPORTED, "transaction blocks not allowed in statement pooling mode"
+            )
+            return
+        self.transport.write(data)
+        self.pending -= count
+        if self.pending > 0 or self.mode == "session" or server.scanner.status != _I:
             return
         if not self.scanner.at_boundary:
             return

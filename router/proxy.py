@@ -121,6 +121,7 @@ class Proxy:
             return
         server = client.server
         if server is None:
+            client.cancel_waiting()
             return
         asyncio.get_running_loop().create_task(
             _quiet(send_cancel(server.host, server.port, server.backend_key))
