@@ -17,6 +17,7 @@ from typing import Protocol
 import structlog
 
 from pools.server import ServerConnection, open_server
+from protocol import messages as m
 from protocol.auth import LoginError
 from protocol.errors import CANNOT_CONNECT_NOW, CONNECTION_FAILURE, QUERY_CANCELED
 
@@ -79,6 +80,7 @@ class Pool:
         self.waiters: deque[Waiter] = deque()
         self._wait_start: dict[Waiter, float] = {}  # checked by `maintain`, not per-waiter timers
         self.parameters: dict[str, str] | None = None  # the welcome set, from the first login
+        self._welcome: dict[tuple[tuple[str, str], ...], bytes] = {}
         self.closed = False
         self.paused = False
         self.last_error: PoolError | None = None
@@ -90,6 +92,21 @@ class Pool:
         self.max_wait = 0.0
         self.connect_count = 0
         self.connect_failures = 0
+
+    def welcome(self, settings: dict[str, str]) -> bytes:
+        """AuthenticationOk and the ParameterStatus set a new client gets, its own settings
+        (lower-case names) overriding the server's; built once per distinct settings."""
+        key = tuple(settings.items())
+        cached = self._welcome.get(key)
+        if cached is None:
+            assert self.parameters is not None
+            parts = [m.AUTHENTICATION_OK]
+            for name, value in self.parameters.items():
+                parts.append(m.parameter_status(name, settings.get(name.lower(), value)))
+            cached = b"".join(parts)
+            if len(self._welcome) < 1000:
+                self._welcome[key] = cached
+        return cached
 
     # ---- acquire / release ------------------------------------------------------------------
 
@@ -108,7 +125,8 @@ class Pool:
             return server
         self.waiters.append(waiter)
         self._wait_start[waiter] = time.monotonic()
-        self._grow()
+        if self.size < self.settings.pool_size:
+            self._grow()
         return None
 
     def cancel_wait(self, waiter: Waiter) -> None:
@@ -124,11 +142,7 @@ class Pool:
         self.active.discard(server)
         if used:
             self.xact_count += 1
-        if not server.clean or self.closed:
-            server.close()
-            self._grow()
-            return
-        if time.monotonic() - server.created > self.settings.server_lifetime:
+        if server.retired or self.closed or not server.clean:
             server.close()
             self._grow()
             return
@@ -157,10 +171,10 @@ class Pool:
             self._make_idle(server)
 
     def _make_idle(self, server: ServerConnection) -> None:
-        server.last_used = time.monotonic()
         if self.waiters and not self.paused:
             self._hand_over(server)
         else:
+            server.last_used = time.monotonic()
             self.idle.append(server)
 
     def _hand_over(self, server: ServerConnection) -> None:
@@ -259,6 +273,9 @@ class Pool:
         s = self.settings
         self.expire_waiters(now)
         keep = s.min_pool_size
+        for server in self.active:  # closed when next released, never mid-transaction
+            if now - server.created > s.server_lifetime:
+                server.retired = True
         total = len(self.idle) + len(self.active)
         survivors: deque[ServerConnection] = deque()
         for server in self.idle:

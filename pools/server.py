@@ -51,6 +51,7 @@ class ServerConnection(asyncio.Protocol):
         self.created = time.monotonic()
         self.last_used = self.created
         self.closed = False
+        self.retired = False  # past server_lifetime: closed instead of reused
         self.reading_paused = False
         self.on_lost: Callable[[ServerConnection], None] | None = None  # the owning pool's hook
         self._hidden: MessageReader | None = None  # reading replies of a hidden query

@@ -62,6 +62,9 @@ def ready_for_query(status: bytes = b"I") -> bytes:
     return message(b"Z", status)
 
 
+READY_IDLE = ready_for_query(b"I")
+
+
 def command_complete(tag: str) -> bytes:
     return message(b"C", cstr(tag))
 

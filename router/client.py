@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import secrets
+import time
 from typing import TYPE_CHECKING, cast
 
 import structlog
@@ -79,7 +80,6 @@ class ClientSession(asyncio.Protocol):
         self.proxy = proxy
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
         self.state = State.STARTUP
-        self.peer = ""
         self.user = ""
         self.database: Database | None = None
         self.settings: dict[str, str] = {}  # wanted session settings, lower-case names
@@ -97,8 +97,6 @@ class ClientSession(asyncio.Protocol):
         self._startup: StartupReader | None = StartupReader()
         self._reader: MessageReader | None = None
         self._auth: ClientAuth | None = None
-        self._login_timer: asyncio.TimerHandle | None = None
-        self._reported: dict[str, str] = {}  # ParameterStatus values the client was told
         self._canonical = True  # False until reported settings were checked against a server
         self.connected_at = 0.0
 
@@ -108,14 +106,8 @@ class ClientSession(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=256 * 1024)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
-        loop = asyncio.get_running_loop()
-        self.connected_at = loop.time()
-        self._login_timer = loop.call_later(
-            self.proxy.config.client_login_timeout, self._login_timed_out
-        )
-        self.proxy.client_connected(self)
+        self.connected_at = time.monotonic()
+        self.proxy.client_connected(self)  # also starts the client_login_timeout clock
 
     def data_received(self, data: bytes) -> None:
         transport = self._server_transport
@@ -175,8 +167,6 @@ class ClientSession(asyncio.Protocol):
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
-        if self._login_timer is not None:
-            self._login_timer.cancel()
         server = self.server
         if server is not None:
             self._unlink()
@@ -200,9 +190,19 @@ class ClientSession(asyncio.Protocol):
             self.pending = 1
         self.close()
 
-    def _login_timed_out(self) -> None:
-        self._login_timer = None
-        if self.state in (State.STARTUP, State.AUTH, State.WELCOME):
+    @property
+    def peer(self) -> str:
+        """The client's address, formatted only when something is logged."""
+        peer = self.transport.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+
+    @property
+    def logging_in(self) -> bool:
+        return self.state in (State.STARTUP, State.AUTH, State.WELCOME)
+
+    def login_timed_out(self) -> None:
+        """Called by the proxy's janitor for a client still logging in after the timeout."""
+        if self.logging_in:
             log.info("client login timeout", client=self.peer)
             self.fatal(e.PROTOCOL_VIOLATION, "client_login_timeout: login not finished in time")
 
@@ -333,19 +333,10 @@ class ClientSession(asyncio.Protocol):
 
     def _welcome(self) -> None:
         assert self.pool is not None and self.pool.parameters is not None
-        out = [m.AUTHENTICATION_OK]
-        reported = self._reported
-        for name, value in self.pool.parameters.items():
-            reported[name] = self.settings.get(name.lower(), value)
-            out.append(m.parameter_status(name, reported[name]))
         self._canonical = not self.settings
-        out.append(m.backend_key_data(*self.key))
-        out.append(m.ready_for_query())
-        self.transport.write(b"".join(out))
+        welcome = self.pool.welcome(self.settings)
+        self.transport.write(welcome + m.backend_key_data(*self.key) + m.READY_IDLE)
         self.state = State.READY
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         log.debug("client logged in", client=self.peer, user=self.user, db=self.database_name)
         if self.buffer:
             early = bytes(self.buffer)
@@ -369,9 +360,18 @@ class ClientSession(asyncio.Protocol):
             self.close()  # whatever came before it was never answered: nobody waits for it
             return
         self.pending += answered
-        self.buffer += data
-        if not self.waiting:
-            self._begin()
+        if self.waiting or self.buffer or data[0] in _COPY_MESSAGES:
+            self.buffer += data
+            if not self.waiting:
+                self._begin()
+            return
+        assert self.pool is not None
+        server = self.pool.acquire(self)
+        if server is None:  # queued: keep the bytes until a server is assigned
+            self.waiting = True
+            self.buffer += data
+        else:
+            self.server_assigned(server, data)
 
     def _begin(self) -> None:
         """The client started a transaction: drop stale COPY messages, then get a server."""
@@ -387,10 +387,11 @@ class ClientSession(asyncio.Protocol):
         self.waiting = True
         server = self.pool.acquire(self)
         if server is not None:
-            self.server_assigned(server)
+            self.server_assigned(server, bytes(buf))
 
-    def server_assigned(self, server: ServerConnection) -> None:
-        """The pool's answer: link, bring the server's settings in line, send the buffer."""
+    def server_assigned(self, server: ServerConnection, data: bytes | None = None) -> None:
+        """The pool's answer: link, bring the server's settings in line, send the bytes
+        (`data`, or the buffer kept while waiting)."""
         self.waiting = False
         if self.state is State.CLOSED:
             assert self.pool is not None
@@ -408,7 +409,8 @@ class ClientSession(asyncio.Protocol):
             self._report_canonical(server)
         if self.paused:
             server.pause_reading()
-        data = bytes(self.buffer)
+        if data is None:
+            data = bytes(self.buffer)
         self.buffer.clear()
         server.write(data)
 
@@ -418,9 +420,9 @@ class ClientSession(asyncio.Protocol):
         self._canonical = True
         names = {name.lower(): name for name in server.parameters}
         out = []
-        for setting in self.settings:
+        for setting, told in self.settings.items():
             name = names.get(setting)
-            if name is not None and self._reported.get(name) != server.parameters[name]:
+            if name is not None and told != server.parameters[name]:
                 out.append(m.parameter_status(name, server.parameters[name]))
         if out:
             self.transport.write(b"".join(out))

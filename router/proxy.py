@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import secrets
 import time
+from collections import deque
 
 import structlog
 
@@ -16,7 +17,7 @@ from router.client import ClientSession, new_cancel_key
 from router.config import Config, Database, Endpoint
 
 log = structlog.get_logger("pgrouter.proxy")
-JANITOR_INTERVAL = 1.0
+JANITOR_INTERVAL = 0.5
 
 
 class Proxy:
@@ -32,6 +33,7 @@ class Proxy:
         self._secrets: dict[tuple[str, str], tuple[str | None, ScramAuthInfo | None]] = {}
         self._janitor: asyncio.Task[None] | None = None
         self._dummy_scram: ScramAuthInfo | None = None
+        self._logins: deque[ClientSession] = deque()  # in connection order, for the login timeout
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -89,6 +91,16 @@ class Proxy:
             now = time.monotonic()
             for pool in list(self.pools.values()):
                 pool.maintain(now)
+            self._expire_logins(now)
+
+    def _expire_logins(self, now: float) -> None:
+        """Cut clients still logging in after client_login_timeout (oldest first)."""
+        timeout = self.config.client_login_timeout
+        logins = self._logins
+        while logins and (not logins[0].logging_in or now - logins[0].connected_at >= timeout):
+            client = logins.popleft()
+            if client.logging_in:
+                client.login_timed_out()
 
     # ---- clients ------------------------------------------------------------------------------
 
@@ -98,6 +110,7 @@ class Proxy:
 
     def client_connected(self, client: ClientSession) -> None:
         self.clients.add(client)
+        self._logins.append(client)
 
     def client_gone(self, client: ClientSession) -> None:
         self.clients.discard(client)
