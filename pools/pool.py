@@ -108,6 +108,15 @@ class Pool:
                 self._welcome[key] = cached
         return cached
 
+    @property
+    def settings(self) -> PoolSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: PoolSettings) -> None:
+        self._settings = settings
+        self.reset_query = settings.server_reset_query  # read on every release
+
     # ---- acquire / release ------------------------------------------------------------------
 
     @property
@@ -116,13 +125,14 @@ class Pool:
 
     def acquire(self, waiter: Waiter) -> ServerConnection | None:
         """An idle server at once, or None and `waiter` is called back later."""
+        idle = self.idle
+        if idle and not self.waiters and not self.paused:  # a closed pool has no idle servers
+            server = idle.pop()
+            self.active.add(server)
+            return server
         if self.closed:
             waiter.server_unavailable(CANNOT_CONNECT_NOW, "pool is closed")
             return None
-        if self.idle and not self.paused and not self.waiters:
-            server = self.idle.pop()
-            self.active.add(server)
-            return server
         self.waiters.append(waiter)
         self._wait_start[waiter] = time.monotonic()
         if self.size < self.settings.pool_size:
@@ -146,7 +156,7 @@ class Pool:
             server.close()
             self._grow()
             return
-        reset = self.settings.server_reset_query
+        reset = self.reset_query
         if reset:
             self.active.add(server)
             server.run_hidden(reset, lambda errors: self._after_reset(server, errors))

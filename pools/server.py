@@ -37,6 +37,30 @@ class ServerClient(Protocol):
 class ServerConnection(asyncio.Protocol):
     """A logged-in PostgreSQL connection owned by a pool."""
 
+    __slots__ = (
+        "__weakref__",
+        "_hidden",
+        "_hidden_done",
+        "_hidden_errors",
+        "_hidden_pending",
+        "backend_key",
+        "client",
+        "closed",
+        "created",
+        "host",
+        "last_used",
+        "login",
+        "login_done",
+        "on_lost",
+        "parameters",
+        "port",
+        "reading_paused",
+        "retired",
+        "scanner",
+        "settings",
+        "transport",
+    )  # fmt: skip
+
     def __init__(self, host: str, port: int, login: ServerLogin) -> None:
         self.host = host
         self.port = port
@@ -183,9 +207,6 @@ class ServerConnection(asyncio.Protocol):
         return self._hidden is not None
 
     # ---- linking ----------------------------------------------------------------------------
-
-    def link(self, client: ServerClient) -> None:
-        self.client = client
 
     def unlink(self) -> None:
         self.client = None

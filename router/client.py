@@ -76,6 +76,34 @@ def canonical_encoding(value: str) -> str:
 
 
 class ClientSession(asyncio.Protocol):
+    __slots__ = (
+        "__weakref__",
+        "_auth",
+        "_canonical",
+        "_reader",
+        "_server_transport",
+        "_startup",
+        "_waiter",
+        "buffer",
+        "connected_at",
+        "database",
+        "key",
+        "mode",
+        "paused",
+        "pending",
+        "pool",
+        "proxy",
+        "scanner",
+        "server",
+        "session_mode",
+        "settings",
+        "state",
+        "statement_mode",
+        "transport",
+        "user",
+        "waiting",
+    )  # fmt: skip
+
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
@@ -86,6 +114,8 @@ class ClientSession(asyncio.Protocol):
         self.key = (0, 0)  # our BackendKeyData for this client
         self.pool: Pool | None = None
         self.mode = "transaction"
+        self.session_mode = False
+        self.statement_mode = False
         self.server: ServerConnection | None = None
         self._server_transport: asyncio.Transport | None = None
         self.pending = 0  # Query/Sync/FunctionCall sent and not yet answered
@@ -320,6 +350,8 @@ class ClientSession(asyncio.Protocol):
         self._auth = None
         self.state = State.WELCOME
         self.mode = self.database.pool_mode
+        self.session_mode = self.mode == "session"
+        self.statement_mode = self.mode == "statement"
         self.pool = self.proxy.pool_for(self.database, self.user)
         self.key = self.proxy.register_cancel_key(self)
         if self.pool.parameters is not None:
@@ -365,13 +397,12 @@ class ClientSession(asyncio.Protocol):
             if not self.waiting:
                 self._begin()
             return
-        assert self.pool is not None
-        server = self.pool.acquire(self)
-        if server is None:  # queued: keep the bytes until a server is assigned
-            self.waiting = True
-            self.buffer += data
-        else:
+        self.waiting = True
+        server = self.pool.acquire(self)  # type: ignore[union-attr]  # set at login
+        if server is not None:
             self.server_assigned(server, data)
+        elif self.waiting:  # queued (not refused at once): keep the bytes for the server
+            self.buffer += data
 
     def _begin(self) -> None:
         """The client started a transaction: drop stale COPY messages, then get a server."""
@@ -399,7 +430,7 @@ class ClientSession(asyncio.Protocol):
             return
         self.server = server
         self._server_transport = server.transport
-        server.link(self)
+        server.client = self
         if server.settings != self.settings:
             sql = settings_sql(server.settings, self.settings)
             server.settings = dict(self.settings)
@@ -411,8 +442,8 @@ class ClientSession(asyncio.Protocol):
             server.pause_reading()
         if data is None:
             data = bytes(self.buffer)
-        self.buffer.clear()
-        server.write(data)
+            self.buffer.clear()
+        server.transport.write(data)  # type: ignore[union-attr]  # connected
 
     def _report_canonical(self, server: ServerConnection) -> None:
         """Once per client: correct what the welcome reported (the client's raw spelling,
@@ -455,9 +486,9 @@ class ClientSession(asyncio.Protocol):
     def server_ready(self, data: bytes, count: int) -> None:
         """Forward a chunk that ended `count` queries; release the server if the transaction
         is over."""
-        server = self.server
-        assert server is not None and self.pool is not None
-        if server.scanner.status != _I and self.mode == "statement":
+        server: ServerConnection = self.server  # type: ignore[assignment]  # linked
+        idle = server.scanner.status == _I
+        if not idle and self.statement_mode:
             # Hold back the ReadyForQuery that would tell the client a transaction is open.
             self.transport.write(data[:-6] if data[-6] == 90 else data)
             self.fatal(
@@ -466,13 +497,13 @@ class ClientSession(asyncio.Protocol):
             return
         self.transport.write(data)
         self.pending -= count
-        if self.pending > 0 or self.mode == "session" or server.scanner.status != _I:
-            return
-        if not self.scanner.at_boundary:
+        if self.pending > 0 or not idle or self.session_mode or not self.scanner.at_boundary:
             return
         self.pending = 0
-        self._unlink()
-        self.pool.release(server)
+        self.server = None
+        self._server_transport = None
+        server.unlink()
+        self.pool.release(server)  # type: ignore[union-attr]
 
     def _unlink(self) -> None:
         server = self.server
