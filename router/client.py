@@ -140,8 +140,7 @@ class ClientSession(asyncio.Protocol):
         self.proxy.client_connected(self)  # also starts the client_login_timeout clock
 
     def data_received(self, data: bytes) -> None:
-        transport = self._server_transport
-        if transport is not None:  # the forwarding path
+        if self.state is State.READY:
             try:
                 answered = self.scanner.feed(data)
             except ProtocolViolation as exc:
@@ -151,10 +150,11 @@ class ClientSession(asyncio.Protocol):
                 self._terminate(data)
                 return
             self.pending += answered
-            transport.write(data)
-            return
-        if self.state is State.READY:
-            self._queue(data)
+            transport = self._server_transport
+            if transport is not None:  # the forwarding path
+                transport.write(data)
+            else:
+                self._queue(data)
         elif self.state is not State.CLOSED:
             try:
                 self._login_data(data)
@@ -212,7 +212,8 @@ class ClientSession(asyncio.Protocol):
         self.proxy.client_gone(self)
 
     def _terminate(self, data: bytes) -> None:
-        """The client said goodbye; forward what came before it, never the Terminate."""
+        """The client said goodbye; forward what came before it to a linked server (an
+        unlinked client's unanswered bytes are dropped), never the Terminate."""
         at = self.scanner.terminated_at
         if at > 0 and self._server_transport is not None:
             self._server_transport.write(data[:at])
@@ -369,11 +370,10 @@ class ClientSession(asyncio.Protocol):
         welcome = self.pool.welcome(self.settings)
         self.transport.write(welcome + m.backend_key_data(*self.key) + m.READY_IDLE)
         self.state = State.READY
-        log.debug("client logged in", client=self.peer, user=self.user, db=self.database_name)
         if self.buffer:
             early = bytes(self.buffer)
             self.buffer.clear()
-            self._queue(early)
+            self.data_received(early)
 
     @property
     def database_name(self) -> str:
@@ -382,16 +382,7 @@ class ClientSession(asyncio.Protocol):
     # ---- transactions -------------------------------------------------------------------------
 
     def _queue(self, data: bytes) -> None:
-        """Bytes while no server is linked: buffer them and get a server."""
-        try:
-            answered = self.scanner.feed(data)
-        except ProtocolViolation as exc:
-            self.violation(str(exc))
-            return
-        if self.scanner.terminated:
-            self.close()  # whatever came before it was never answered: nobody waits for it
-            return
-        self.pending += answered
+        """Bytes (already scanned) while no server is linked: get one, or buffer them."""
         if self.waiting or self.buffer or data[0] in _COPY_MESSAGES:
             self.buffer += data
             if not self.waiting:
