@@ -375,10 +375,6 @@ class ClientSession(asyncio.Protocol):
             self.buffer.clear()
             self.data_received(early)
 
-    @property
-    def database_name(self) -> str:
-        return self.database.name if self.database else ""
-
     # ---- transactions -------------------------------------------------------------------------
 
     def _queue(self, data: bytes) -> None:
