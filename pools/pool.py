@@ -85,8 +85,12 @@ class Pool:
         self.paused = False
         self.last_error: PoolError | None = None
         # Plain counters, read by the stats and metrics at scrape time.
-        self.xact_count = 0
-        self.query_count = 0
+        self.xact_count = 0  # transactions (server releases)
+        self.query_count = 0  # ReadyForQuery answered (simple queries and Syncs)
+        self.assignment_count = 0  # times a server was linked to a client
+        self.bytes_received = 0  # client -> server
+        self.bytes_sent = 0  # server -> client
+        self.login_count = 0  # client logins
         self.wait_count = 0
         self.wait_time = 0.0
         self.max_wait = 0.0
@@ -129,6 +133,7 @@ class Pool:
         if idle and not self.waiters and not self.paused:  # a closed pool has no idle servers
             server = idle.pop()
             self.active.add(server)
+            self.assignment_count += 1
             return server
         if self.closed:
             waiter.server_unavailable(CANNOT_CONNECT_NOW, "pool is closed")
@@ -191,6 +196,7 @@ class Pool:
         waiter = self.waiters.popleft()
         self._forget_waiter(waiter)
         self.active.add(server)
+        self.assignment_count += 1
         waiter.server_assigned(server)
 
     def _forget_waiter(self, waiter: Waiter) -> None:

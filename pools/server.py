@@ -30,6 +30,7 @@ class ServerClient(Protocol):
     transport: asyncio.Transport
 
     def server_ready(self, data: bytes, count: int) -> None: ...
+    def server_data(self, data: bytes) -> None: ...
     def server_lost(self, server: ServerConnection, reason: str) -> None: ...
     def server_notice(self, data: bytes) -> None: ...
 
@@ -111,7 +112,7 @@ class ServerConnection(asyncio.Protocol):
         if ready:
             client.server_ready(data, ready)  # it forwards the data and may release us
         else:
-            client.transport.write(data)
+            client.server_data(data)
 
     def _take_parameters(self) -> None:
         """Keep the server's reported values (canonical forms) current."""

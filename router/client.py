@@ -150,6 +150,7 @@ class ClientSession(asyncio.Protocol):
                 self._terminate(data)
                 return
             self.pending += answered
+            self.pool.bytes_received += len(data)  # type: ignore[union-attr]  # set at login
             transport = self._server_transport
             if transport is not None:  # the forwarding path
                 transport.write(data)
@@ -367,6 +368,7 @@ class ClientSession(asyncio.Protocol):
     def _welcome(self) -> None:
         assert self.pool is not None and self.pool.parameters is not None
         self._canonical = not self.settings
+        self.pool.login_count += 1
         welcome = self.pool.welcome(self.settings)
         self.transport.write(welcome + m.backend_key_data(*self.key) + m.READY_IDLE)
         self.state = State.READY
@@ -483,6 +485,9 @@ class ClientSession(asyncio.Protocol):
             )
             return
         self.transport.write(data)
+        pool: Pool = self.pool  # type: ignore[assignment]  # set at login
+        pool.query_count += count
+        pool.bytes_sent += len(data)
         self.pending -= count
         if self.pending > 0 or not idle or self.session_mode or not self.scanner.at_boundary:
             return
@@ -490,7 +495,12 @@ class ClientSession(asyncio.Protocol):
         self.server = None
         self._server_transport = None
         server.unlink()
-        self.pool.release(server)  # type: ignore[union-attr]
+        pool.release(server)
+
+    def server_data(self, data: bytes) -> None:
+        """Forward a chunk from the server that ends no query (rows of a large result)."""
+        self.transport.write(data)
+        self.pool.bytes_sent += len(data)  # type: ignore[union-attr]  # set at login
 
     def _unlink(self) -> None:
         server = self.server
