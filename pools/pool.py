@@ -234,6 +234,22 @@ class Pool:
             self.connecting += 1
             asyncio.get_running_loop().create_task(self._connect())
 
+    def pause(self) -> None:
+        """Hold new transactions (running ones finish); servers stay open."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        while self.waiters and self.idle:
+            server = self.idle.pop()
+            self._hand_over(server)
+        self._grow()
+
+    @property
+    def busy(self) -> bool:
+        """Some server is linked to a client (or being reset)."""
+        return bool(self.active)
+
     def fill(self) -> None:
         """Top up to min_pool_size (called by the janitor and at start)."""
         self._grow()

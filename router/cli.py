@@ -75,18 +75,10 @@ async def _serve(config: Config) -> int:
         if not stop.done():
             stop.set_result(timeout)
 
-    def reload() -> None:
-        path = proxy.config.source
-        if path is None:
-            return
-        try:
-            proxy.reload(load_config(path))
-        except ConfigError as exc:
-            log.error("reload rejected; keeping the running configuration", errors=exc.errors)
-
+    proxy.on_shutdown_request = lambda: finish(proxy.config.shutdown_timeout)
     loop.add_signal_handler(signal.SIGTERM, finish, config.shutdown_timeout)
     loop.add_signal_handler(signal.SIGINT, finish, 0.0)
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, proxy.reload_from_file)
     timeout = await stop
     log.info("shutting down", timeout=timeout)
     await proxy.shutdown(timeout)

@@ -28,8 +28,11 @@ from protocol.auth import AuthFailed, ClientAuth
 from protocol.errors import ProtocolViolation
 from protocol.framing import MessageReader, StartupReader
 from protocol.scanner import FrontendScanner
+from router import __version__
+from router.config import ADMIN_DATABASES
 
 if TYPE_CHECKING:
+    from router.admin import AdminConsole
     from router.config import Database
     from router.proxy import Proxy
 
@@ -47,7 +50,8 @@ class State(enum.Enum):
     AUTH = 2
     WELCOME = 3
     READY = 4
-    CLOSED = 5
+    ADMIN = 5  # logged in to the admin console
+    CLOSED = 6
 
 
 def quote_literal(value: str) -> str:
@@ -80,10 +84,12 @@ class ClientSession(asyncio.Protocol):
         "__weakref__",
         "_auth",
         "_canonical",
+        "_console",
         "_reader",
         "_server_transport",
         "_startup",
         "_waiter",
+        "admin",
         "buffer",
         "connected_at",
         "database",
@@ -110,6 +116,8 @@ class ClientSession(asyncio.Protocol):
         self.state = State.STARTUP
         self.user = ""
         self.database: Database | None = None
+        self.admin = False  # logging in to the admin console
+        self._console: AdminConsole | None = None
         self.settings: dict[str, str] = {}  # wanted session settings, lower-case names
         self.key = (0, 0)  # our BackendKeyData for this client
         self.pool: Pool | None = None
@@ -158,7 +166,10 @@ class ClientSession(asyncio.Protocol):
                 self._queue(data)
         elif self.state is not State.CLOSED:
             try:
-                self._login_data(data)
+                if self.state is State.ADMIN:
+                    self._admin_data(data)
+                else:
+                    self._login_data(data)
             except ProtocolViolation as exc:
                 self.violation(str(exc))
 
@@ -302,7 +313,8 @@ class ClientSession(asyncio.Protocol):
             self.fatal(e.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
             return
         database = config.databases.get(dbname)
-        if database is None:
+        self.admin = dbname in ADMIN_DATABASES
+        if database is None and not self.admin:
             self.fatal(e.INVALID_CATALOG_NAME, f'database "{dbname}" does not exist')
             return
         self.database = database
@@ -348,8 +360,11 @@ class ClientSession(asyncio.Protocol):
             self._authenticated()
 
     def _authenticated(self) -> None:
-        assert self.database is not None
         self._auth = None
+        if self.admin:
+            self._admin_login()
+            return
+        assert self.database is not None
         self.state = State.WELCOME
         self.mode = self.database.pool_mode
         self.session_mode = self.mode == "session"
@@ -376,6 +391,53 @@ class ClientSession(asyncio.Protocol):
             early = bytes(self.buffer)
             self.buffer.clear()
             self.data_received(early)
+
+    # ---- admin console -------------------------------------------------------------------------
+
+    def _admin_login(self) -> None:
+        """Admin users get the console; everybody else is refused after authenticating, so
+        the refusal reveals nothing a wrong password would not."""
+        if self.user not in self.proxy.config.admin.users:
+            log.info("admin console refused", client=self.peer, user=self.user)
+            self.fatal(e.INSUFFICIENT_PRIVILEGE, "admin console is for admin users only")
+            return
+        from router.admin import AdminConsole
+
+        self._console = AdminConsole(self.proxy)
+        self._reader = MessageReader(self.proxy.config.max_packet_size)
+        params = {
+            "server_version": f"15.0 (pgrouter {__version__})",
+            "server_encoding": "UTF8",
+            "client_encoding": "UTF8",
+            "DateStyle": "ISO, MDY",
+            "integer_datetimes": "on",
+            "standard_conforming_strings": "on",
+            "application_name": self.settings.get("application_name", ""),
+        }
+        out = [m.AUTHENTICATION_OK]
+        out += [m.parameter_status(k, v) for k, v in params.items()]
+        out += [m.backend_key_data(*self.proxy.register_cancel_key(self)), m.READY_IDLE]
+        self.transport.write(b"".join(out))
+        self.state = State.ADMIN
+
+    def _admin_data(self, data: bytes) -> None:
+        assert self._reader is not None and self._console is not None
+        self._reader.feed(data)
+        while self.state is State.ADMIN and (msg := self._reader.next()) is not None:
+            kind, body = msg
+            if kind == ord("Q"):
+                self.transport.write(self._console.execute(body.rstrip(b"\0").decode()))
+            elif kind == ord("X"):
+                self.close()
+            else:
+                self.transport.write(
+                    e.error_response(
+                        e.FEATURE_NOT_SUPPORTED,
+                        "the admin console supports only the simple query protocol",
+                    )
+                )
+                if kind == ord("S"):
+                    self.transport.write(m.READY_IDLE)
 
     # ---- transactions -------------------------------------------------------------------------
 
@@ -552,5 +614,7 @@ class _FirstLogin:
 
 
 def new_cancel_key() -> tuple[int, int]:
-    """A random (pid, secret) pair; the sign bit stays clear as some tools expect."""
-    return secrets.randbits(31) or 1, secrets.randbits(32)
+    """A random (pid, secret) pair from one urandom call; the pid's sign bit stays clear, as
+    some tools expect."""
+    raw = int.from_bytes(secrets.token_bytes(8))
+    return (raw >> 33) or 1, raw & 0xFFFFFFFF

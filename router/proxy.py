@@ -7,6 +7,7 @@ import hmac
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 
 import structlog
 
@@ -14,7 +15,7 @@ from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import send_cancel
 from protocol.auth import ScramAuthInfo, parse_scram_verifier, scram_auth_info
 from router.client import ClientSession, new_cancel_key
-from router.config import Config, Database, Endpoint
+from router.config import Config, ConfigError, Database, Endpoint, load_config
 
 log = structlog.get_logger("pgrouter.proxy")
 JANITOR_INTERVAL = 0.5
@@ -33,7 +34,11 @@ class Proxy:
         self._secrets: dict[tuple[str, str], tuple[str | None, ScramAuthInfo | None]] = {}
         self._janitor: asyncio.Task[None] | None = None
         self._dummy_scram: ScramAuthInfo | None = None
-        self._logins: deque[ClientSession] = deque()  # in connection order, for the login timeout
+        self._logins: deque[ClientSession] = deque()
+        self.paused: set[str] = set()  # database names held by PAUSE; "*" for all
+        self.on_shutdown_request: Callable[[], None] | None = (
+            None  # set by the CLI  # in connection order, for the login timeout
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -84,6 +89,43 @@ class Proxy:
                 pool.settings = self._pool_settings(database)
                 pool.password = self._server_password(key.user)
         log.info("configuration reloaded", databases=len(config.databases))
+
+    # ---- admin commands -----------------------------------------------------------------------
+
+    def _pools_of(self, database: str | None) -> list[Pool]:
+        return [p for k, p in self.pools.items() if database is None or k.database == database]
+
+    def pause(self, database: str | None = None) -> None:
+        """PAUSE: new transactions wait; running ones finish."""
+        self.paused.add(database or "*")
+        for pool in self._pools_of(database):
+            pool.pause()
+        log.info("paused", database=database or "all")
+
+    def resume(self, database: str | None = None) -> None:
+        if database is None:
+            self.paused.clear()
+        else:
+            self.paused.discard(database)
+        for pool in self._pools_of(database):
+            if "*" not in self.paused and pool.key.database not in self.paused:
+                pool.resume()
+        log.info("resumed", database=database or "all")
+
+    def reload_from_file(self) -> list[str]:
+        """RELOAD / SIGHUP: the file's errors, or [] when the new configuration is in use."""
+        if self.config.source is None:
+            return ["the configuration was not loaded from a file"]
+        try:
+            self.reload(load_config(self.config.source))
+        except ConfigError as exc:
+            log.error("reload rejected; keeping the running configuration", errors=exc.errors)
+            return exc.errors
+        return []
+
+    def request_shutdown(self) -> None:
+        if self.on_shutdown_request is not None:
+            self.on_shutdown_request()
 
     async def _janitor_loop(self) -> None:
         while True:
