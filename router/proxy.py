@@ -27,6 +27,7 @@ class Proxy:
         self.pools: dict[PoolKey, Pool] = {}
         self.clients: set[ClientSession] = set()
         self.listeners: list[asyncio.Server] = []
+        self.http: asyncio.Server | None = None
         self.started = time.time()
         self.auth_failures = 0
         self.cancel_requests = 0
@@ -54,6 +55,12 @@ class Proxy:
             )
             self.listeners.append(server)
             log.info("listening", address=f"{host}:{port}")
+        if self.config.admin.http is not None:
+            from router.http import start_http
+
+            host, port = self.config.admin.http
+            self.http = await start_http(self, host, port)
+            log.info("http listening", address=f"{host}:{port}")
         self._janitor = loop.create_task(self._janitor_loop())
         for database in self.config.databases.values():
             for user in self.config.users:
@@ -64,6 +71,8 @@ class Proxy:
         """Stop accepting, let linked clients finish their transactions, then close."""
         for server in self.listeners:
             server.close()
+        if self.http is not None:
+            self.http.close()
         deadline = time.monotonic() + timeout
         while any(c.server is not None or c.waiting for c in self.clients):
             if time.monotonic() > deadline:

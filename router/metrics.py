@@ -1,0 +1,291 @@
+"""Prometheus metrics, read from the proxy's plain counters at scrape time.
+
+Nothing here runs in the data path: the pools and sessions only bump integers, and
+`ProxyCollector.collect` turns them into metric families when Prometheus scrapes.
+
+Two sets of names:
+
+- ``pgrouter_*``: per pool (labels ``database``, ``user``, ``backend`` = "host:port") and
+  process-wide metrics.
+- ``pgbouncer_*``: the names pgbouncer_exporter produces from SHOW POOLS, SHOW STATS_TOTALS,
+  SHOW DATABASES, SHOW LISTS and SHOW CONFIG (and the older ``pgbouncer_stats_*`` names of
+  exporters before 0.11), with the same labels, so its Grafana dashboards work unchanged.
+  Pools are summed per (database, user) like SHOW POOLS; times are in seconds.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from router import __version__
+from router.admin import (
+    VERSION,
+    PoolState,
+    database_totals,
+    is_paused,
+    pool_groups,
+    pool_states,
+)
+from router.config import format_address
+
+if TYPE_CHECKING:
+    from router.proxy import Proxy
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # text/plain; version=0.0.4; charset=utf-8
+
+_POOL_LABELS = ["database", "user", "backend"]
+_PGB_POOL_LABELS = ["database", "user"]
+_PGB_DATABASE_LABELS = ["name", "host", "port", "database", "force_user", "pool_mode"]
+
+
+class ProxyCollector:
+    """A custom collector: every metric is computed from the proxy when scraped."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        states = pool_states(self.proxy)
+        yield from self._pools(states)
+        yield from self._process()
+        yield from self._pgbouncer(states)
+
+    # ---- pgrouter_* -------------------------------------------------------------------------
+
+    def _pools(self, states: list[PoolState]) -> Iterator[Metric]:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"pgrouter_pool_{name}", doc, labels=_POOL_LABELS)
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"pgrouter_pool_{name}", doc, labels=_POOL_LABELS)
+
+        clients_active = gauge("clients_active", "Logged-in clients not waiting for a server")
+        clients_waiting = gauge("clients_waiting", "Clients waiting for a server connection")
+        servers_active = gauge("servers_active", "Server connections linked to a client")
+        servers_idle = gauge("servers_idle", "Idle server connections")
+        servers_tested = gauge(
+            "servers_tested", "Server connections taken but not linked (running a reset query)"
+        )
+        servers_login = gauge("servers_login", "Server connections being opened")
+        size = gauge("size", "Maximum server connections of the pool (pool_size)")
+        max_wait = gauge("max_wait_seconds", "How long the oldest waiting client has waited")
+        longest_wait = gauge(
+            "longest_wait_seconds", "Longest wait for a server of any client since start"
+        )
+        paused = gauge("paused", "1 while PAUSE holds the pool's database")
+        xacts = counter("transactions", "Transactions (server releases)")
+        queries = counter("queries", "Queries answered (simple queries and Syncs)")
+        received = counter("received_bytes", "Bytes received from clients")
+        sent = counter("sent_bytes", "Bytes sent to clients")
+        wait_seconds = counter("wait_seconds", "Time clients spent waiting for a server")
+        waits = counter("waits", "Times a client had to wait for a server")
+        assignments = counter("server_assignments", "Times a server was linked to a client")
+        logins = counter("logins", "Client logins")
+        connects = counter("server_connects", "Server connections opened")
+        connect_failures = counter("server_connect_failures", "Failed server connection attempts")
+
+        for st in states:
+            pool = st.pool
+            key = pool.key
+            labels = [key.database, key.user, format_address(key.host, key.port)]
+            clients_active.add_metric(labels, st.cl_active)
+            clients_waiting.add_metric(labels, st.cl_waiting)
+            servers_active.add_metric(labels, st.sv_active)
+            servers_idle.add_metric(labels, st.sv_idle)
+            servers_tested.add_metric(labels, st.sv_tested)
+            servers_login.add_metric(labels, st.sv_login)
+            size.add_metric(labels, pool.settings.pool_size)
+            max_wait.add_metric(labels, st.maxwait)
+            longest_wait.add_metric(labels, pool.max_wait)
+            paused.add_metric(labels, 1 if pool.paused else 0)
+            xacts.add_metric(labels, pool.xact_count)
+            queries.add_metric(labels, pool.query_count)
+            received.add_metric(labels, pool.bytes_received)
+            sent.add_metric(labels, pool.bytes_sent)
+            wait_seconds.add_metric(labels, pool.wait_time)
+            waits.add_metric(labels, pool.wait_count)
+            assignments.add_metric(labels, pool.assignment_count)
+            logins.add_metric(labels, pool.login_count)
+            connects.add_metric(labels, pool.connect_count)
+            connect_failures.add_metric(labels, pool.connect_failures)
+        yield from (
+            clients_active, clients_waiting, servers_active, servers_idle, servers_tested,
+            servers_login, size, max_wait, longest_wait, paused, xacts, queries, received, sent,
+            wait_seconds, waits, assignments, logins, connects, connect_failures,
+        )  # fmt: skip
+
+    def _process(self) -> Iterator[Metric]:
+        proxy = self.proxy
+        connected = 0
+        logging_in = 0
+        for client in proxy.clients:
+            state = getattr(getattr(client, "state", None), "name", "")
+            if state == "CLOSED":
+                continue
+            connected += 1
+            if state in ("STARTUP", "AUTH", "WELCOME"):
+                logging_in += 1
+        yield GaugeMetricFamily(
+            "pgrouter_clients_connected", "Client connections (all states)", value=connected
+        )
+        yield GaugeMetricFamily(
+            "pgrouter_clients_logging_in", "Client connections still logging in", value=logging_in
+        )
+        yield CounterMetricFamily(
+            "pgrouter_auth_failures", "Failed client authentications", value=proxy.auth_failures
+        )
+        yield CounterMetricFamily(
+            "pgrouter_cancel_requests", "Cancel requests received", value=proxy.cancel_requests
+        )
+        yield GaugeMetricFamily(
+            "pgrouter_start_time_seconds",
+            "When the proxy started (Unix time)",
+            value=proxy.started,
+        )
+        info = GaugeMetricFamily(
+            "pgrouter_build_info", "pgrouter version", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+
+    # ---- pgbouncer_exporter names -----------------------------------------------------------
+
+    def _pgbouncer(self, states: list[PoolState]) -> Iterator[Metric]:
+        yield GaugeMetricFamily("pgbouncer_up", "The pgbouncer scrape succeeded", value=1)
+        version = GaugeMetricFamily(
+            "pgbouncer_version_info", "The pgbouncer version info", labels=["version"]
+        )
+        version.add_metric([VERSION], 1)
+        yield version
+
+        yield from self._pgbouncer_pools(states)
+        yield from self._pgbouncer_stats()
+        yield from self._pgbouncer_databases()
+        yield from self._pgbouncer_lists(states)
+
+    def _pgbouncer_pools(self, states: list[PoolState]) -> Iterator[Metric]:
+        """SHOW POOLS, summed per (database, user)."""
+        groups = pool_groups(states)
+        names = [
+            ("client_active_connections", "cl_active", "Client connections linked or idle"),
+            ("client_waiting_connections", "cl_waiting", "Client connections waiting"),
+            ("server_active_connections", "sv_active", "Server connections linked to a client"),
+            ("server_idle_connections", "sv_idle", "Idle server connections"),
+            ("server_used_connections", None, "Server connections needing a check"),
+            ("server_testing_connections", "sv_tested", "Server connections running a reset"),
+            ("server_login_connections", "sv_login", "Server connections logging in"),
+            ("client_active_cancel_connections", None, "Clients forwarding a cancel"),
+            ("client_waiting_cancel_connections", None, "Clients waiting to forward a cancel"),
+            ("server_active_cancel_connections", None, "Servers forwarding a cancel"),
+            ("server_being_canceled_connections", None, "Servers being canceled"),
+        ]
+        for suffix, attr, doc in names:
+            family = GaugeMetricFamily(f"pgbouncer_pools_{suffix}", doc, labels=_PGB_POOL_LABELS)
+            for key, g in groups.items():
+                family.add_metric(list(key), 0 if attr is None else getattr(g, attr))
+            yield family
+        maxwait = GaugeMetricFamily(
+            "pgbouncer_pools_client_maxwait_seconds",
+            "Age of the oldest waiting client",
+            labels=_PGB_POOL_LABELS,
+        )
+        for key, g in groups.items():
+            maxwait.add_metric(list(key), g.maxwait)
+        yield maxwait
+
+    def _pgbouncer_stats(self) -> Iterator[Metric]:
+        """SHOW STATS_TOTALS (and the pre-0.11 SHOW STATS names)."""
+        totals = database_totals(self.proxy)
+        stats = [
+            ("queries_pooled", "query_count", "SQL queries pooled"),
+            ("queries", "query_count", "SQL requests pooled"),
+            ("received_bytes", "bytes_received", "Bytes received from clients"),
+            ("sent_bytes", "bytes_sent", "Bytes sent to clients"),
+            ("client_wait_seconds", "wait_time", "Time clients waited for a server"),
+            ("sql_transactions_pooled", "xact_count", "SQL transactions pooled"),
+            ("server_assignments", "server_assignment_count", "Server assignments"),
+        ]
+        for prefix in ("pgbouncer_stats_totals", "pgbouncer_stats"):
+            for suffix, attr, doc in stats:
+                family = CounterMetricFamily(f"{prefix}_{suffix}", doc, labels=["database"])
+                for name, t in totals.items():
+                    family.add_metric([name], getattr(t, attr))
+                yield family
+
+    def _pgbouncer_databases(self) -> Iterator[Metric]:
+        """SHOW DATABASES."""
+        proxy = self.proxy
+        config = proxy.config
+        servers: dict[str, int] = {}
+        for key, pool in proxy.pools.items():
+            if not pool.closed:
+                servers[key.database] = servers.get(key.database, 0) + pool.size
+        databases = [
+            ("pool_size", "Maximum number of server connections"),
+            ("reserve_pool", "Maximum number of additional connections"),
+            ("max_connections", "Maximum allowed connections (0: unlimited)"),
+            ("current_connections", "Current server connections"),
+            ("paused", "1 if the database is paused"),
+            ("disabled", "1 if the database is disabled"),
+        ]
+        for suffix, doc in databases:
+            family = GaugeMetricFamily(
+                f"pgbouncer_databases_{suffix}", doc, labels=_PGB_DATABASE_LABELS
+            )
+            for name, db in config.databases.items():
+                labels = [name, db.primary.host, str(db.primary.port), db.dbname, "", db.pool_mode]
+                value = {
+                    "pool_size": db.pool_size,
+                    "current_connections": servers.get(name, 0),
+                    "paused": 1 if is_paused(proxy, name) else 0,
+                }.get(suffix, 0)
+                family.add_metric(labels, value)
+            yield family
+
+    def _pgbouncer_lists(self, states: list[PoolState]) -> Iterator[Metric]:
+        """SHOW LISTS and SHOW CONFIG."""
+        proxy = self.proxy
+        config = proxy.config
+        clients = 0
+        logging_in = 0
+        for client in proxy.clients:
+            state = getattr(getattr(client, "state", None), "name", "")
+            if state != "CLOSED":
+                clients += 1
+                logging_in += state in ("STARTUP", "AUTH", "WELCOME")
+        lists = [
+            ("databases", len(config.databases), "Count of databases"),
+            ("users", len(set(config.users) | set(config.admin.users)), "Count of users"),
+            ("pools", sum(1 for p in proxy.pools.values() if not p.closed), "Count of pools"),
+            ("free_clients", 0, "Count of free clients"),
+            ("used_clients", clients, "Count of used clients"),
+            ("login_clients", logging_in, "Count of clients in login state"),
+            ("free_servers", 0, "Count of free servers"),
+            ("used_servers", sum(st.sv_active + st.sv_tested + st.sv_idle for st in states),
+             "Count of used servers"),
+        ]  # fmt: skip
+        for name, value, doc in lists:
+            yield GaugeMetricFamily(f"pgbouncer_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            "pgbouncer_config_max_client_connections",
+            "Config maximum number of client connections",
+            value=config.max_client_conn,
+        )
+
+
+def registry_for(proxy: Proxy) -> CollectorRegistry:
+    """A dedicated registry (never the global one) holding only the proxy's collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(proxy))
+    return registry
+
+
+def render(proxy: Proxy) -> bytes:
+    """The Prometheus text exposition (format 0.0.4) of every metric, computed now."""
+    return generate_latest(registry_for(proxy))

@@ -1,0 +1,130 @@
+"""The admin console and the HTTP endpoints of a running pgrouter, used as operators do:
+psql against the virtual database, curl-like GETs against admin.http."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import APP_PASSWORD, APP_USER, free_port
+
+ADMIN = {"admin": {"users": [APP_USER]}}
+
+
+def psql(
+    proxy: Any, sql: str, dbname: str = "pgrouter", user: str = APP_USER
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PGPASSWORD=APP_PASSWORD, PGSSLMODE="disable")
+    return subprocess.run(
+        ["psql", "-X", "-h", proxy.host, "-p", str(proxy.port), "-U", user, "-d", dbname,
+         "-A", "-F", "|", "-c", sql],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_show_pools_counts_a_running_transaction(proxy_factory: Any) -> None:
+    proxy = proxy_factory(ADMIN)
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None) as conn:
+        conn.execute("SELECT 1")
+        with conn.transaction():
+            conn.execute("SELECT 1")
+            out = psql(proxy, "SHOW POOLS")
+            assert out.returncode == 0, out.stderr
+            header, *rows = out.stdout.strip().splitlines()
+            assert header.startswith("database|user|cl_active|cl_waiting")
+            appdb = [r.split("|") for r in rows if r.startswith("appdb|app|")]
+            assert appdb, out.stdout
+            cols = header.split("|")
+            row = dict(zip(cols, appdb[0], strict=False))
+            assert row["sv_active"] == "1" and row["cl_active"] == "1"
+            assert row["pool_mode"] == "transaction"
+
+
+def test_show_stats_and_databases(proxy_factory: Any) -> None:
+    proxy = proxy_factory(ADMIN)
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as conn:
+        for _ in range(5):
+            conn.execute("SELECT 1")
+    stats = psql(proxy, "SHOW STATS")
+    assert stats.returncode == 0, stats.stderr
+    header, *rows = stats.stdout.strip().splitlines()
+    cols = header.split("|")
+    assert cols[:3] == ["database", "total_server_assignment_count", "total_xact_count"]
+    row = dict(zip(cols, next(r for r in rows if r.startswith("appdb|")).split("|"), strict=False))
+    assert int(row["total_xact_count"]) >= 5
+    assert int(row["total_query_count"]) >= 5
+    dbs = psql(proxy, "SHOW DATABASES")
+    assert "appdb|" in dbs.stdout and "otherdb|" in dbs.stdout
+
+
+def test_non_admin_user_is_refused(proxy_factory: Any) -> None:
+    proxy = proxy_factory({"admin": {"users": ["somebody_else"]}})
+    out = psql(proxy, "SHOW POOLS")
+    assert out.returncode != 0
+    assert "admin console is for admin users only" in out.stderr
+    assert "database|user" not in out.stdout
+
+
+def test_unknown_command_keeps_the_console_usable(proxy_factory: Any) -> None:
+    proxy = proxy_factory(ADMIN)
+    out = psql(proxy, "SHOW NONSENSE")
+    assert out.returncode != 0 and "SHOW HELP" in out.stderr
+    assert psql(proxy, "SHOW VERSION").returncode == 0
+
+
+def test_pause_holds_new_transactions_until_resume(proxy_factory: Any) -> None:
+    proxy = proxy_factory(ADMIN)
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        assert psql(proxy, "PAUSE appdb").returncode == 0
+        done = threading.Event()
+
+        def query() -> None:
+            conn.execute("SELECT 1")
+            done.set()
+
+        worker = threading.Thread(target=query)
+        worker.start()
+        assert not done.wait(1.0), "a transaction ran while the database was paused"
+        assert psql(proxy, "RESUME appdb").returncode == 0
+        assert done.wait(5.0)
+        worker.join()
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.timeout(60)
+def test_metrics_health_and_readiness(proxy_factory: Any) -> None:
+    http_port = free_port()
+    proxy = proxy_factory({"admin": {"users": [APP_USER], "http": f"127.0.0.1:{http_port}"}})
+    base = f"http://127.0.0.1:{http_port}"
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute("SELECT 1")
+    assert _get(base + "/healthz")[0] == 200
+    assert _get(base + "/readyz")[0] == 200
+    status, text = _get(base + "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "pgbouncer_pools_server_idle_connections" in families
+    xacts = [
+        s.value
+        for s in families["pgrouter_pool_transactions"].samples
+        if s.labels.get("database") == "appdb" and s.name.endswith("_total")
+    ]
+    assert xacts and sum(xacts) >= 3
+    assert _get(base + "/nope")[0] == 404
