@@ -164,7 +164,7 @@ class Pool:
         reset = self.reset_query
         if reset:
             self.active.add(server)
-            server.run_hidden(reset, lambda errors: self._after_reset(server, errors))
+            server.run_hidden(reset, lambda errors, _rows: self._after_reset(server, errors))
             return
         self._make_idle(server)
 

@@ -22,6 +22,7 @@ from protocol.scanner import BackendScanner
 
 _I32 = struct.Struct("!I")
 WRITE_HIGH_WATER = 256 * 1024
+HiddenDone = Callable[[list[dict[str, str]], list[list[str | None]]], None]
 
 
 class ServerClient(Protocol):
@@ -43,7 +44,7 @@ class ServerConnection(asyncio.Protocol):
         "_hidden",
         "_hidden_done",
         "_hidden_errors",
-        "_hidden_pending",
+        "_hidden_rows",
         "backend_key",
         "client",
         "closed",
@@ -80,9 +81,9 @@ class ServerConnection(asyncio.Protocol):
         self.reading_paused = False
         self.on_lost: Callable[[ServerConnection], None] | None = None  # the owning pool's hook
         self._hidden: MessageReader | None = None  # reading replies of a hidden query
-        self._hidden_pending = 0
+        self._hidden_rows: list[list[str | None]] = []
         self._hidden_errors: list[dict[str, str]] = []
-        self._hidden_done: Callable[[list[dict[str, str]]], None] | None = None
+        self._hidden_done: HiddenDone | None = None
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
@@ -165,20 +166,36 @@ class ServerConnection(asyncio.Protocol):
 
     # ---- hidden queries -----------------------------------------------------------------------
 
-    def run_hidden(
-        self, sql: str, done: Callable[[list[dict[str, str]]], None] | None = None
-    ) -> None:
-        """Send a simple query whose replies are swallowed; `done(errors)` at its ReadyForQuery.
+    def run_hidden(self, sql: str, done: HiddenDone | None = None) -> None:
+        """Send a simple query whose replies are swallowed; `done(errors, rows)` at its
+        ReadyForQuery.
 
-        ParameterStatus and NoticeResponse replies still go to a linked client, since they
-        describe the session it is using.
+        ParameterStatus replies still go to a linked client, since they describe the session
+        it is using.
         """
         assert self.transport is not None and self._hidden is None
         self._hidden = MessageReader(1 << 20)
-        self._hidden_pending = 1
         self._hidden_errors = []
+        self._hidden_rows = []
         self._hidden_done = done
         self.transport.write(m.query(sql))
+
+    async def query(self, sql: str) -> list[list[str | None]]:
+        """Rows of a simple query on an unlinked connection (health and LSN checks)."""
+        result: asyncio.Future[list[list[str | None]]] = asyncio.get_running_loop().create_future()
+
+        def done(errors: list[dict[str, str]], rows: list[list[str | None]]) -> None:
+            if result.done():
+                return
+            if errors:
+                result.set_exception(
+                    LoginError(errors[0].get("C", "XX000"), errors[0].get("M", ""))
+                )
+            else:
+                result.set_result(rows)
+
+        self.run_hidden(sql, done)
+        return await result
 
     def _read_hidden(self, data: bytes) -> bytes:
         reader = self._hidden
@@ -192,9 +209,11 @@ class ServerConnection(asyncio.Protocol):
                 rest = reader.take_rest()
                 done, self._hidden_done = self._hidden_done, None
                 if done is not None:
-                    done(self._hidden_errors)
+                    done(self._hidden_errors, self._hidden_rows)
                 return rest
-            if kind == 69:  # 'E'
+            if kind == 68:  # 'D'
+                self._hidden_rows.append(m.parse_data_row(body))
+            elif kind == 69:  # 'E'
                 self._hidden_errors.append(parse_error_fields(body))
             elif kind == 83:  # 'S'
                 name, value = m.parse_parameter_status(body)

@@ -129,6 +129,22 @@ def split_cstrings(body: bytes) -> list[str]:
     return [s.decode("utf-8", "replace") for s in body.split(b"\0")[:-1]]
 
 
+def parse_data_row(body: bytes) -> list[str | None]:
+    """Decode a text-format DataRow body (NULL as None)."""
+    (count,) = struct.unpack_from("!H", body)
+    values: list[str | None] = []
+    pos = 2
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + length].decode("utf-8", "replace"))
+            pos += length
+    return values
+
+
 def parse_parameter_status(body: bytes) -> tuple[str, str]:
     name, value, _ = body.split(b"\0", 2)
     return name.decode(), value.decode("utf-8", "replace")

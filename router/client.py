@@ -485,7 +485,7 @@ class ClientSession(asyncio.Protocol):
         if server.settings != self.settings:
             sql = settings_sql(server.settings, self.settings)
             server.settings = dict(self.settings)
-            server.run_hidden(sql, lambda errors: self._settings_applied(server, errors))
+            server.run_hidden(sql, lambda errors, _rows: self._settings_applied(server, errors))
             self._canonical = True  # the server reports the canonical values itself
         elif not self._canonical:
             self._report_canonical(server)

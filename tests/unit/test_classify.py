@@ -682,6 +682,7 @@ def test_too_long_is_not_parsed_or_cached() -> None:
     assert c.cached == 0
     v = c.classify("/* pgrouter: primary */ " + sql)
     assert (v.reason, v.hint) == ("hint_primary", Target.PRIMARY)
+    assert c.cached == 0
     assert Classifier(max_parse_length=None).classify(sql).read_only
 
 
