@@ -86,6 +86,35 @@ if [[ "$(id -u)" -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
     fi
 fi
 
+# Prometheus: tests/integration/test_dashboard.py runs the machine's prometheus binary
+# against a live pgrouter. Only the binary is needed: Debian's service is not started (a
+# temporary policy-rc.d stops apt from starting it). Without root it is optional: that
+# test is skipped.
+have_prometheus() {
+    [[ -x /usr/bin/prometheus ]] || command -v prometheus >/dev/null 2>&1
+}
+
+if ! have_prometheus; then
+    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing prometheus with apt-get" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+            chmod 755 /usr/sbin/policy-rc.d
+            trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+        fi
+        # The package lists may predate prometheus (or be empty): update once and retry.
+        # Not fatal: only the dashboard test needs it, and it reports the problem.
+        apt-get install -y --no-install-recommends prometheus ||
+            { apt-get update && apt-get install -y --no-install-recommends prometheus; } ||
+            echo "bootstrap: apt-get could not install prometheus;" \
+                "tests/integration/test_dashboard.py will fail" >&2
+    else
+        echo "bootstrap: prometheus not found; the Grafana dashboard test will be skipped" \
+            "(Debian/Ubuntu: sudo apt-get install prometheus)" >&2
+    fi
+fi
+
 bindir="$(find_bindir)"
 echo "bootstrap: PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') in $bindir;" \
     "pgbench: $(command -v "$bindir/pgbench" || command -v pgbench)"

@@ -26,10 +26,12 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from pools.monitor import format_lsn
 from protocol import errors as e
 from protocol import messages as m
 from router import __version__
@@ -714,23 +716,42 @@ class AdminConsole:
         return _notice("Console usage", HELP_TEXT) + m.command_complete("SHOW")
 
     def show_backends(self) -> bytes:
-        """Every backend of every database with its role; health and lag come later."""
+        """Every backend of every database: role and state as its monitor last saw them
+        (the topology's role until then), byte lag behind the database's primary, LSN."""
         proxy = self.proxy
         rows = []
         for name, db in proxy.config.databases.items():
+            primary = proxy.monitors.get((db.primary.host, db.primary.port))
             for i, endpoint in enumerate(db.backends):
-                pools = [
-                    p
-                    for k, p in proxy.pools.items()
-                    if k.database == name
-                    and (k.host, k.port) == (endpoint.host, endpoint.port)
-                    and not p.closed
-                ]
-                state = "down" if pools and all(pool_unreachable(p) for p in pools) else "up"
-                role = "primary" if i == 0 else "replica"
-                rows.append(
-                    [name, endpoint.host, endpoint.port, role, state, None, None, None, None]
+                monitor = proxy.monitors.get((endpoint.host, endpoint.port))
+                if monitor is None or monitor.up is None:
+                    pools = [
+                        p
+                        for k, p in proxy.pools.items()
+                        if k.database == name
+                        and (k.host, k.port) == (endpoint.host, endpoint.port)
+                        and not p.closed
+                    ]
+                    down = pools and all(pool_unreachable(p) for p in pools)
+                    role = "primary" if i == 0 else "replica"
+                    rows.append(
+                        [name, endpoint.host, endpoint.port, role, "down" if down else "unknown",
+                         None, None, None, None]
+                    )  # fmt: skip
+                    continue
+                lag = None
+                if monitor.in_recovery and monitor.lsn is not None and primary and primary.lsn:
+                    lag = max(primary.lsn - monitor.lsn, 0)
+                checked = (
+                    datetime.fromtimestamp(monitor.checked_at, UTC).isoformat(timespec="seconds")
+                    if monitor.checked_at
+                    else None
                 )
+                rows.append(
+                    [name, endpoint.host, endpoint.port, monitor.role or "unknown",
+                     "up" if monitor.up else "down", lag, None,
+                     format_lsn(monitor.lsn) if monitor.lsn is not None else None, checked]
+                )  # fmt: skip
         return _rows(BACKENDS_COLUMNS, rows)
 
 

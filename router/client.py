@@ -43,6 +43,7 @@ _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
 _COPY_MESSAGES = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
 _SETTING_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 _I = 73  # 'I': idle, outside a transaction
+FATAL_LINGER = 1.0  # seconds a connection stays half-closed after a FATAL error
 
 
 class State(enum.Enum):
@@ -192,9 +193,19 @@ class ClientSession(asyncio.Protocol):
         """Send a FATAL error and close; the process and other clients carry on."""
         if self.state is State.CLOSED:
             return
-        if not self.transport.is_closing():
-            self.transport.write(e.fatal(sqlstate, message, detail=detail))
-        self.close()
+        transport = self.transport
+        self._shut()
+        if transport.is_closing():
+            return
+        transport.write(e.fatal(sqlstate, message, detail=detail))
+        # Closing with unread input makes the kernel send a reset, which can destroy the
+        # error before the client reads it: half-close instead, drop what still arrives
+        # (state CLOSED), and close for good shortly after.
+        if transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(FATAL_LINGER, transport.close)
+        else:
+            transport.close()
 
     def violation(self, message: str) -> None:
         log.info("protocol violation", client=self.peer, error=message)

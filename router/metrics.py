@@ -53,6 +53,7 @@ class ProxyCollector:
     def collect(self) -> Iterator[Metric]:
         states = pool_states(self.proxy)
         yield from self._pools(states)
+        yield from self._backends()
         yield from self._process()
         yield from self._pgbouncer(states)
 
@@ -119,6 +120,51 @@ class ProxyCollector:
             servers_login, size, max_wait, longest_wait, paused, xacts, queries, received, sent,
             wait_seconds, waits, assignments, logins, connects, connect_failures,
         )  # fmt: skip
+
+    def _backends(self) -> Iterator[Metric]:
+        """What each backend's monitor last saw: up, role, WAL position, lag."""
+        labels = ["backend"]
+        up = GaugeMetricFamily(
+            "pgrouter_backend_up", "1 if the last check succeeded", labels=labels
+        )
+        primary = GaugeMetricFamily(
+            "pgrouter_backend_is_primary", "1 if the backend is not in recovery", labels=labels
+        )
+        lsn = GaugeMetricFamily(
+            "pgrouter_backend_wal_lsn_bytes",
+            "Current WAL position (primary) or replay position (replica)",
+            labels=labels,
+        )
+        lag = GaugeMetricFamily(
+            "pgrouter_backend_lag_bytes",
+            "Bytes of WAL a replica has yet to replay, behind its database's primary",
+            labels=labels,
+        )
+        checks = CounterMetricFamily(
+            "pgrouter_backend_checks", "Health checks, by result", labels=[*labels, "result"]
+        )
+        proxy = self.proxy
+        primaries = {  # replica address -> its database's primary
+            (r.host, r.port): db.primary
+            for db in proxy.config.databases.values()
+            for r in db.replicas
+        }
+        for (host, port), monitor in proxy.monitors.items():
+            name = [format_address(host, port)]
+            checks.add_metric([*name, "ok"], monitor.checks)
+            checks.add_metric([*name, "failed"], monitor.failures)
+            if monitor.up is None:
+                continue
+            up.add_metric(name, 1 if monitor.up else 0)
+            if monitor.in_recovery is not None:
+                primary.add_metric(name, 0 if monitor.in_recovery else 1)
+            if monitor.lsn is not None:
+                lsn.add_metric(name, monitor.lsn)
+            source = primaries.get((host, port))
+            upstream = proxy.monitors.get((source.host, source.port)) if source else None
+            if monitor.in_recovery and monitor.lsn is not None and upstream and upstream.lsn:
+                lag.add_metric(name, max(upstream.lsn - monitor.lsn, 0))
+        yield from (up, primary, lsn, lag, checks)
 
     def _process(self) -> Iterator[Metric]:
         proxy = self.proxy

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import structlog
 
+from pools.monitor import BackendMonitor
 from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import send_cancel
 from protocol.auth import ScramAuthInfo, parse_scram_verifier, scram_auth_info
@@ -28,6 +29,7 @@ class Proxy:
         self.clients: set[ClientSession] = set()
         self.listeners: list[asyncio.Server] = []
         self.http: asyncio.Server | None = None
+        self.monitors: dict[tuple[str, int], BackendMonitor] = {}  # by backend address
         self.started = time.time()
         self.auth_failures = 0
         self.cancel_requests = 0
@@ -60,8 +62,8 @@ class Proxy:
 
             host, port = self.config.admin.http
             self.http = await start_http(self, host, port)
-            log.info("http listening", address=f"{host}:{port}")
         self._janitor = loop.create_task(self._janitor_loop())
+        self._start_monitors()
         for database in self.config.databases.values():
             for user in self.config.users:
                 if database.min_pool_size > 0:
@@ -84,7 +86,34 @@ class Proxy:
             pool.close()
         if self._janitor is not None:
             self._janitor.cancel()
+        for monitor in self.monitors.values():
+            monitor.stop()
         await asyncio.sleep(0)  # let transports flush their last writes
+
+    def _monitor_login(self) -> tuple[str, str | None] | None:
+        """Credentials for the backend monitors: an admin user with a password, else any."""
+        users = self.config.users
+        for name in (*self.config.admin.users, *users):
+            user = users.get(name)
+            if user is not None and user.password is not None:
+                return name, user.password
+        return None
+
+    def _start_monitors(self) -> None:
+        """One monitor per backend address, shared by the databases that use it."""
+        login = self._monitor_login()
+        if login is None:
+            log.warning("no user with a password: backends are not monitored")
+            return
+        for database in self.config.databases.values():
+            for endpoint in database.backends:
+                address = (endpoint.host, endpoint.port)
+                if address not in self.monitors:
+                    monitor = BackendMonitor(
+                        endpoint.host, endpoint.port, login[0], login[1], database.dbname
+                    )
+                    self.monitors[address] = monitor
+                    monitor.start()
 
     def reload(self, config: Config) -> None:
         """Use `config` for new logins and pool settings; connected clients stay."""
@@ -97,6 +126,11 @@ class Proxy:
             else:
                 pool.settings = self._pool_settings(database)
                 pool.password = self._server_password(key.user)
+        if self._janitor is not None:  # running: the backends may have changed
+            for monitor in self.monitors.values():
+                monitor.stop()
+            self.monitors.clear()
+            self._start_monitors()
         log.info("configuration reloaded", databases=len(config.databases))
 
     # ---- admin commands -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -128,3 +129,38 @@ def test_metrics_health_and_readiness(proxy_factory: Any) -> None:
     ]
     assert xacts and sum(xacts) >= 3
     assert _get(base + "/nope")[0] == 404
+
+
+@pytest.mark.timeout(60)
+def test_backends_show_roles_positions_and_lag(proxy_factory: Any, cluster: Any) -> None:
+    """The monitors find the real roles and WAL positions; a held-back replica shows lag."""
+    http_port = free_port()
+    proxy = proxy_factory({"admin": {"users": [APP_USER], "http": f"127.0.0.1:{http_port}"}})
+    replica = cluster.replicas[0]
+    replica.sql("SELECT pg_wal_replay_pause()")
+    try:
+        cluster.primary.sql("CREATE TABLE IF NOT EXISTS lag_probe (x int)", dbname="appdb")
+        cluster.primary.sql(
+            "INSERT INTO lag_probe SELECT generate_series(1, 20000)", dbname="appdb"
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            out = psql(proxy, "SHOW BACKENDS")
+            rows = [r.split("|") for r in out.stdout.strip().splitlines()[1:-1]]
+            appdb = {int(r[2]): r for r in rows if r[0] == "appdb"}
+            lagging = appdb.get(replica.port)
+            if lagging and lagging[5] and int(lagging[5]) > 0:
+                break
+            assert time.monotonic() < deadline, out.stdout
+            time.sleep(0.2)
+        assert appdb[cluster.primary.port][3:5] == ["primary", "up"]
+        assert all(appdb[r.port][3:5] == ["replica", "up"] for r in cluster.replicas)
+        assert "/" in appdb[cluster.primary.port][7]  # an LSN like 0/3000148
+        status, text = _get(f"http://127.0.0.1:{http_port}/metrics")
+        assert status == 200
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        lag = {s.labels["backend"]: s.value for s in families["pgrouter_backend_lag_bytes"].samples}
+        assert lag[f"{replica.host}:{replica.port}"] > 0
+    finally:
+        replica.sql("SELECT pg_wal_replay_resume()")
+        cluster.primary.sql("DROP TABLE IF EXISTS lag_probe", dbname="appdb")

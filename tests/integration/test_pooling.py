@@ -25,10 +25,12 @@ from tests.support import APP_PASSWORD, APP_USER, address
 
 pytestmark = pytest.mark.timeout(120)
 
+# Pool connections only: each backend's health monitor has its own (one per backend, not
+# per pool), named "pgrouter monitor".
 _BACKENDS_SQL = (
     "SELECT pid, datname, client_port FROM pg_stat_activity "
     "WHERE usename = %s AND backend_type = 'client backend' AND datname = ANY(%s) "
-    "AND pid <> pg_backend_pid()"
+    "AND pid <> pg_backend_pid() AND application_name <> 'pgrouter monitor'"
 )
 DBS = ("appdb", "otherdb")
 
