@@ -26,13 +26,15 @@ log = structlog.get_logger("pgrouter.pool")
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    pool_size: int = 20
-    min_pool_size: int = 0
-    server_idle_timeout: float = 3600.0
-    server_lifetime: float = 3600.0
-    server_connect_timeout: float = 5.0
-    query_wait_timeout: float = 120.0
-    server_reset_query: str = ""  # run before reuse (session mode)
+    """A pool's share of the topology (its defaults live in router.config, not here)."""
+
+    pool_size: int
+    min_pool_size: int
+    server_idle_timeout: float
+    server_lifetime: float
+    server_connect_timeout: float
+    query_wait_timeout: float
+    server_reset_query: str  # run before reuse (session mode); "" for none
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,7 +95,6 @@ class ClientSession(asyncio.Protocol):
         "connected_at",
         "database",
         "key",
-        "mode",
         "paused",
         "pending",
         "pool",
@@ -122,7 +121,6 @@ class ClientSession(asyncio.Protocol):
         self.settings: dict[str, str] = {}  # wanted session settings, lower-case names
         self.key = (0, 0)  # our BackendKeyData for this client
         self.pool: Pool | None = None
-        self.mode = "transaction"
         self.session_mode = False
         self.statement_mode = False
         self.server: ServerConnection | None = None
@@ -155,10 +153,10 @@ class ClientSession(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self.violation(str(exc))
                 return
+            self.pending += answered  # before a Terminate: what it follows is still owed
             if self.scanner.terminated:
                 self._terminate(data)
                 return
-            self.pending += answered
             self.pool.bytes_received += len(data)  # type: ignore[union-attr]  # set at login
             transport = self._server_transport
             if transport is not None:  # the forwarding path
@@ -377,9 +375,8 @@ class ClientSession(asyncio.Protocol):
             return
         assert self.database is not None
         self.state = State.WELCOME
-        self.mode = self.database.pool_mode
-        self.session_mode = self.mode == "session"
-        self.statement_mode = self.mode == "statement"
+        self.session_mode = self.database.pool_mode == "session"
+        self.statement_mode = self.database.pool_mode == "statement"
         self.pool = self.proxy.pool_for(self.database, self.user)
         self.key = self.proxy.register_cancel_key(self)
         if self.pool.parameters is not None:

@@ -18,7 +18,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.integration.test_bad_input import RawClient, asyncpg_error, cancel_packet, rows
+from tests.integration.test_bad_input import (
+    RawClient,
+    asyncpg_error,
+    cancel_packet,
+    query_message,
+    rows,
+    typed,
+)
 from tests.support import APP_USER, ProxyProcess, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -411,3 +418,18 @@ def test_cancel_with_psycopg_pid_and_wrong_secret(proxy_factory: ProxyFactory) -
         conn.cancel()
         worker.join(10)
         assert isinstance(result[-1], psycopg.errors.QueryCanceled), result
+
+
+def test_query_then_terminate_in_one_packet_never_leaks_a_reply(proxy_factory: Any) -> None:
+    """A client that sends a query and Terminate together leaves a reply in flight: that
+    server must not go to the next client, who would read the stale reply as its own."""
+    proxy = proxy_factory(
+        {"pool_size": 1, "auth_type": "md5", "databases": {"appdb": {"pool_mode": "session"}}}
+    )
+    with RawClient(proxy.host, proxy.port) as client:
+        client.login()
+        client.query("SELECT 1")  # session mode: the server stays linked, idle
+        client.send(query_message("SELECT 'stale', pg_sleep(0.3)") + typed(b"X"))
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as conn:
+        for i in range(3):
+            assert conn.execute("SELECT %s::int", [i]).fetchone() == (i,)
