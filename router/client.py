@@ -29,7 +29,9 @@ from protocol.errors import ProtocolViolation
 from protocol.framing import MessageReader, StartupReader
 from protocol.scanner import FrontendScanner
 from router import __version__
+from router.classify import Target
 from router.config import ADMIN_DATABASES
+from router.routing import Reader, Router
 
 if TYPE_CHECKING:
     from router.admin import AdminConsole
@@ -44,6 +46,29 @@ _COPY_MESSAGES = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
 _SETTING_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 _I = 73  # 'I': idle, outside a transaction
 FATAL_LINGER = 1.0  # seconds a connection stays half-closed after a FATAL error
+GUARD_LIMIT = 64 * 1024  # a replica reply held longer than this is forwarded as it is
+_RETRY_SQLSTATES = frozenset({"25006", "40001"})  # read-only transaction, recovery conflict
+
+
+def _refusal(out: bytearray) -> str | bool | None:
+    """Walk a held reply: the SQLSTATE of a refusal, False once results flow (or another
+    error came), None while undecided."""
+    pos, n = 0, len(out)
+    while pos + 5 <= n:
+        kind = out[pos]
+        end = pos + 1 + int.from_bytes(out[pos + 1 : pos + 5], "big")
+        if end > n:
+            return None
+        if kind == 69:  # ErrorResponse
+            code = e.parse_error_fields(bytes(out[pos + 5 : end])).get("C", "")
+            return code if code in _RETRY_SQLSTATES else ""
+        if kind not in _HELD_KINDS:
+            return ""
+        pos = end
+    return None
+
+
+_HELD_KINDS = frozenset(b"TNS")  # RowDescription, notices, parameters: before any result
 
 
 class State(enum.Enum):
@@ -86,9 +111,15 @@ class ClientSession(asyncio.Protocol):
         "_auth",
         "_canonical",
         "_console",
+        "_guard",
+        "_guard_out",
+        "_guard_retry",
+        "_guard_sql",
         "_reader",
         "_server_transport",
         "_startup",
+        "_txn_ddl",
+        "_txn_writes",
         "_waiter",
         "admin",
         "buffer",
@@ -98,7 +129,11 @@ class ClientSession(asyncio.Protocol):
         "paused",
         "pending",
         "pool",
+        "primary_pool",
         "proxy",
+        "reader",
+        "route_override",
+        "router",
         "scanner",
         "server",
         "session_mode",
@@ -120,7 +155,17 @@ class ClientSession(asyncio.Protocol):
         self._console: AdminConsole | None = None
         self.settings: dict[str, str] = {}  # wanted session settings, lower-case names
         self.key = (0, 0)  # our BackendKeyData for this client
-        self.pool: Pool | None = None
+        self.pool: Pool | None = None  # the pool of the current (or last) transaction
+        self.primary_pool: Pool | None = None
+        self.router: Router | None = None  # None: everything goes to the primary
+        self.reader = Reader()
+        self.route_override: Target | None = None  # SET pgrouter.route
+        self._txn_writes = True  # the transaction went to the primary as a possible write
+        self._txn_ddl = False
+        self._guard: bytes | None = None  # an autocommit read sent to a replica, for a retry
+        self._guard_sql = ""
+        self._guard_out = bytearray()  # the replica's reply, held until it is not a refusal
+        self._guard_retry = False
         self.session_mode = False
         self.statement_mode = False
         self.server: ServerConnection | None = None
@@ -377,7 +422,9 @@ class ClientSession(asyncio.Protocol):
         self.state = State.WELCOME
         self.session_mode = self.database.pool_mode == "session"
         self.statement_mode = self.database.pool_mode == "statement"
-        self.pool = self.proxy.pool_for(self.database, self.user)
+        self.pool = self.primary_pool = self.proxy.pool_for(self.database, self.user)
+        if not self.session_mode:
+            self.router = self.proxy.router_for(self.database)
         self.key = self.proxy.register_cancel_key(self)
         if self.pool.parameters is not None:
             self._welcome()
@@ -451,33 +498,101 @@ class ClientSession(asyncio.Protocol):
 
     def _queue(self, data: bytes) -> None:
         """Bytes (already scanned) while no server is linked: get one, or buffer them."""
-        if self.waiting or self.buffer or data[0] in _COPY_MESSAGES:
+        if self.router is not None or self.waiting or self.buffer or data[0] in _COPY_MESSAGES:
             self.buffer += data
             if not self.waiting:
                 self._begin()
             return
+        self._acquire(self.pool, data)  # type: ignore[arg-type]  # set at login
+
+    def _acquire(self, pool: Pool, data: bytes | None) -> None:
+        """Ask `pool` for a server for `data` (None: the buffer)."""
+        self.pool = pool
         self.waiting = True
-        server = self.pool.acquire(self)  # type: ignore[union-attr]  # set at login
+        server = pool.acquire(self)
         if server is not None:
             self.server_assigned(server, data)
-        elif self.waiting:  # queued (not refused at once): keep the bytes for the server
+        elif self.waiting and data is not None:  # queued, not refused at once: keep the bytes
             self.buffer += data
 
     def _begin(self) -> None:
-        """The client started a transaction: drop stale COPY messages, then get a server."""
+        """The client started a transaction: drop stale COPY messages, pick the backend,
+        then get a server."""
         buf = self.buffer
-        while len(buf) >= 5 and buf[0] in _COPY_MESSAGES:
-            end = 1 + int.from_bytes(buf[1:5], "big")
-            if len(buf) < end:
-                return  # wait for the rest of the stale message
-            del buf[:end]
-        if not buf:
+        while buf:
+            while len(buf) >= 5 and buf[0] in _COPY_MESSAGES:
+                end = 1 + int.from_bytes(buf[1:5], "big")
+                if len(buf) < end:
+                    return  # wait for the rest of the stale message
+                del buf[:end]
+            if not buf:
+                return
+            if self.router is None:
+                target: Pool | bool = self.primary_pool  # type: ignore[assignment]
+            else:
+                target = self._route()
+            if target is False:
+                return  # the first message is not complete yet
+            if target is True:
+                continue  # answered here (SET pgrouter.route); look at what follows
+            assert isinstance(target, Pool)
+            self._acquire(target, None)
             return
-        assert self.pool is not None
-        self.waiting = True
-        server = self.pool.acquire(self)
-        if server is not None:
-            self.server_assigned(server, bytes(buf))
+
+    def _route(self) -> Pool | bool:
+        """The pool for the transaction at the head of the buffer; False while its first
+        message is incomplete, True when that message was answered here."""
+        router = self.router
+        assert router is not None and self.primary_pool is not None
+        buf = self.buffer
+        self._txn_writes = True
+        self._guard = None
+        if len(buf) < 5:
+            return False
+        end = 1 + int.from_bytes(buf[1:5], "big")
+        if len(buf) < end:
+            return False
+        kind = buf[0]
+        if kind == 81:  # Query
+            sql = bytes(buf[5 : end - 1]).decode("utf-8", "replace")
+        elif kind == 80:  # Parse: statement name, then the text
+            name_end = buf.index(0, 5)
+            sql = bytes(buf[name_end + 1 : buf.index(0, name_end + 1)]).decode("utf-8", "replace")
+        else:  # Bind of a statement prepared earlier, FunctionCall...: unknown text
+            router.to_primary += 1
+            return self.primary_pool
+        verdict = router.classifier.classify(sql)
+        if verdict.sets_route is not None and kind == 81:
+            self._set_route(verdict.sets_route, end)
+            return True
+        if verdict.writes_catalog:
+            router.catalog_changed()
+            self._txn_ddl = True
+        read = verdict.read_only or (verdict.begins and verdict.read_only_txn)
+        if not read or Target.PRIMARY in (verdict.hint, self.route_override):
+            router.to_primary += 1
+            return self.primary_pool
+        self._txn_writes = False
+        endpoint = router.read_endpoint(self.reader)
+        if endpoint is None:
+            return self.primary_pool
+        if kind == 81 and end == len(buf) and not verdict.begins:
+            self._guard = bytes(buf)
+            self._guard_sql = sql
+        assert self.database is not None
+        return self.proxy.pool_for(self.database, self.user, endpoint)
+
+    def _set_route(self, value: Target | str, end: int) -> None:
+        """SET pgrouter.route = primary | replica | auto, answered without a server."""
+        del self.buffer[:end]
+        self.pending -= 1
+        if value in (Target.PRIMARY, Target.REPLICA, "auto"):
+            # "replica" is the default behaviour: reads may use replicas, writes never do.
+            self.route_override = value if value is Target.PRIMARY else None
+            self.transport.write(m.command_complete("SET") + m.READY_IDLE)
+        else:
+            message = f'invalid value for parameter "pgrouter.route": "{value}"'
+            self.transport.write(e.error_response("22023", message) + m.READY_IDLE)
 
     def server_assigned(self, server: ServerConnection, data: bytes | None = None) -> None:
         """The pool's answer: link, bring the server's settings in line, send the bytes
@@ -545,6 +660,9 @@ class ClientSession(asyncio.Protocol):
     def server_ready(self, data: bytes, count: int) -> None:
         """Forward a chunk that ended `count` queries; release the server if the transaction
         is over."""
+        if self._guard is not None:
+            self._guarded_reply(data, count)
+            return
         server: ServerConnection = self.server  # type: ignore[assignment]  # linked
         idle = server.scanner.status == _I
         if not idle and self.statement_mode:
@@ -566,11 +684,57 @@ class ClientSession(asyncio.Protocol):
         self._server_transport = None
         server.unlink()
         pool.release(server)
+        if self.router is not None and self._txn_writes:
+            self.reader.wrote_at = time.monotonic()  # reads now wait for this write's LSN
+            if self._txn_ddl:
+                self._txn_ddl = False
+                self.router.catalog_changed()  # committed: read pg_proc again
 
     def server_data(self, data: bytes) -> None:
         """Forward a chunk from the server that ends no query (rows of a large result)."""
+        if self._guard is not None:
+            self._guarded_reply(data, 0)
+            return
         self.transport.write(data)
         self.pool.bytes_sent += len(data)  # type: ignore[union-attr]  # set at login
+
+    def _guarded_reply(self, data: bytes, count: int) -> None:
+        """A replica's reply to an autocommit read, held until it is clearly not a refusal
+        (25006 read-only, 40001 recovery conflict): a refusal is retried on the primary
+        before the client has seen anything."""
+        if not self._guard_retry:
+            out = self._guard_out
+            out += data
+            refusal = _refusal(out)
+            if refusal is None and not count and len(out) < GUARD_LIMIT:
+                return  # undecided: keep holding
+            if not refusal or self.pending > max(count, 1):
+                self._guard = None
+                held = bytes(out)
+                out.clear()
+                if count:
+                    self.server_ready(held, count)
+                else:
+                    self.server_data(held)
+                return
+            self._guard_retry = True
+            assert self.router is not None
+            self.router.misrouted(self._guard_sql, str(refusal))
+        if not count:
+            return  # the rest of the refused reply is still coming
+        query = self._guard
+        assert query is not None
+        self._guard = None
+        self._guard_retry = False
+        self._guard_out.clear()
+        self.pending -= count
+        server, pool = self.server, self.pool
+        assert server is not None and pool is not None and self.primary_pool is not None
+        self._unlink()
+        pool.release(server)
+        self.pending += 1  # the same query, once more, on the primary
+        self._txn_writes = True
+        self._acquire(self.primary_pool, query)
 
     def _unlink(self) -> None:
         server = self.server

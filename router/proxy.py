@@ -17,6 +17,7 @@ from pools.server import send_cancel
 from protocol.auth import ScramAuthInfo, parse_scram_verifier, scram_auth_info
 from router.client import ClientSession, new_cancel_key
 from router.config import Config, ConfigError, Database, Endpoint, load_config
+from router.routing import Router
 
 log = structlog.get_logger("pgrouter.proxy")
 JANITOR_INTERVAL = 0.5
@@ -30,6 +31,7 @@ class Proxy:
         self.listeners: list[asyncio.Server] = []
         self.http: asyncio.Server | None = None
         self.monitors: dict[tuple[str, int], BackendMonitor] = {}  # by backend address
+        self.routers: dict[str, Router] = {}  # databases whose reads may go to replicas
         self.started = time.time()
         self.auth_failures = 0
         self.cancel_requests = 0
@@ -64,6 +66,7 @@ class Proxy:
             self.http = await start_http(self, host, port)
         self._janitor = loop.create_task(self._janitor_loop())
         self._start_monitors()
+        self._start_routers()
         for database in self.config.databases.values():
             for user in self.config.users:
                 if database.min_pool_size > 0:
@@ -88,6 +91,8 @@ class Proxy:
             self._janitor.cancel()
         for monitor in self.monitors.values():
             monitor.stop()
+        for router in self.routers.values():
+            router.stop()
         await asyncio.sleep(0)  # let transports flush their last writes
 
     def _monitor_login(self) -> tuple[str, str | None] | None:
@@ -115,6 +120,27 @@ class Proxy:
                     self.monitors[address] = monitor
                     monitor.start()
 
+    def _start_routers(self) -> None:
+        """A router for every database with replicas that may take reads."""
+        login = self._monitor_login()
+        if login is None:
+            return
+        for database in self.config.databases.values():
+            if database.replicas and database.routing.reads != "primary":
+                router = Router(self, database, login)
+                self.routers[database.name] = router
+                router.start()
+
+    def router_for(self, database: Database) -> Router | None:
+        return self.routers.get(database.name)
+
+    def pools_by_endpoint(self, database: str, endpoint: Endpoint) -> list[Pool]:
+        return [
+            pool
+            for key, pool in self.pools.items()
+            if key.database == database and key.host == endpoint.host and key.port == endpoint.port
+        ]
+
     def reload(self, config: Config) -> None:
         """Use `config` for new logins and pool settings; connected clients stay."""
         self.config = config
@@ -129,8 +155,12 @@ class Proxy:
         if self._janitor is not None:  # running: the backends may have changed
             for monitor in self.monitors.values():
                 monitor.stop()
+            for router in self.routers.values():
+                router.stop()
             self.monitors.clear()
+            self.routers.clear()
             self._start_monitors()
+            self._start_routers()
         log.info("configuration reloaded", databases=len(config.databases))
 
     # ---- admin commands -----------------------------------------------------------------------

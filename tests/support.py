@@ -78,7 +78,8 @@ def address(node: NodeLike) -> str:
 
 
 def base_topology(cluster: ClusterLike, listen_port: int) -> dict[str, Any]:
-    """The default proxy topology for tests: both test databases on the test cluster."""
+    """The default proxy topology for tests: both test databases on the test cluster, reads on
+    the primary (routing tests turn replica reads on explicitly)."""
     primary = address(cluster.primary)
     replicas = [address(r) for r in cluster.replicas]
     return {
@@ -88,7 +89,10 @@ def base_topology(cluster: ClusterLike, listen_port: int) -> dict[str, Any]:
             APP_USER: {"password": APP_PASSWORD},
             MD5_USER: {"password": MD5_PASSWORD},
         },
-        "databases": {db: {"primary": primary, "replicas": list(replicas)} for db in DATABASES},
+        "databases": {
+            db: {"primary": primary, "replicas": list(replicas), "routing": {"reads": "primary"}}
+            for db in DATABASES
+        },
     }
 
 

@@ -1,0 +1,191 @@
+"""Where each transaction of one database goes: its primary, or one of its replicas.
+
+Correctness first: a statement goes to a replica only when the classifier proves it
+read-only, the database's function list is known, and a replica has replayed everything
+this client wrote (read-your-writes) and everything it already read (monotonic reads).
+Anything else goes to the primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from pools.monitor import BackendMonitor
+from pools.server import open_server
+from protocol.auth import LoginError
+from router.classify import VOLATILE_FUNCTIONS_SQL, Classifier
+from router.config import Database, Endpoint
+
+if TYPE_CHECKING:
+    from router.proxy import Proxy
+
+log = structlog.get_logger("pgrouter.routing")
+CATALOG_REFRESH = 30.0  # seconds between re-reads of the database's VOLATILE functions
+
+
+class Reader:
+    """What a client carries between transactions for routing its reads."""
+
+    __slots__ = ("min_lsn", "wrote_at")
+
+    def __init__(self) -> None:
+        self.min_lsn = 0  # a replica must have replayed this far to serve the client
+        self.wrote_at: float | None = None  # when its last primary transaction ended
+
+
+class Router:
+    def __init__(self, proxy: Proxy, database: Database, login: tuple[str, str | None]) -> None:
+        self.proxy = proxy
+        self.database = database
+        self.routing = database.routing
+        self.login = login
+        self.classifier = Classifier()
+        self.catalog_known = False  # until pg_proc was read: every read goes to the primary
+        self._catalog_generation = 0
+        self._refresh = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._served: dict[Endpoint, int] = {}
+        # Plain counters, read by the metrics and the admin console.
+        self.to_replica = 0
+        self.to_primary = 0
+        self.no_replica = 0  # read-only, but no replica qualified
+        self.ryw_fallbacks = 0  # read-only, kept on the primary by read-your-writes
+        self.misroutes = 0  # a replica refused a read: retried on the primary
+        self._misrouted: set[str] = set()
+
+    @property
+    def primary(self) -> BackendMonitor | None:
+        p = self.database.primary
+        return self.proxy.monitors.get((p.host, p.port))
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._learn_catalog())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def catalog_changed(self) -> None:
+        """DDL went through: hold reads on the primary until pg_proc was read again."""
+        self.catalog_known = False
+        self._catalog_generation += 1
+        self._refresh.set()
+
+    async def _learn_catalog(self) -> None:
+        primary = self.database.primary
+        while True:
+            generation = self._catalog_generation
+            try:
+                conn = await open_server(
+                    primary.host,
+                    primary.port,
+                    self.login[0],
+                    self.login[1],
+                    {"database": self.database.dbname, "application_name": "pgrouter catalog"},
+                    5.0,
+                )
+                try:
+                    rows = await conn.query(VOLATILE_FUNCTIONS_SQL)
+                finally:
+                    conn.close()
+                self.classifier.set_volatile_functions(r[0] for r in rows if r and r[0])
+                if generation == self._catalog_generation:
+                    self.catalog_known = True
+            except (OSError, TimeoutError, ConnectionError, LoginError) as exc:
+                log.warning("cannot read functions", database=self.database.name, error=str(exc))
+            self._refresh.clear()
+            delay = CATALOG_REFRESH if self.catalog_known else 1.0
+            try:
+                async with asyncio.timeout(delay):
+                    await self._refresh.wait()
+            except TimeoutError:
+                pass
+
+    # ---- decisions ----------------------------------------------------------------------------
+
+    def read_endpoint(self, reader: Reader) -> Endpoint | None:
+        """A replica for a provably read-only transaction, or None for the primary."""
+        if not self.catalog_known:
+            self.to_primary += 1
+            return None
+        if reader.wrote_at is not None and not self._writes_visible(reader):
+            self.ryw_fallbacks += 1
+            self.to_primary += 1
+            return None
+        primary = self.primary
+        primary_lsn = primary.lsn if primary is not None else None
+        max_lag = self.routing.max_replica_lag_bytes
+        best: tuple[float, float] | None = None
+        chosen: tuple[Endpoint, BackendMonitor] | None = None
+        for endpoint in self.database.replicas:
+            monitor = self.proxy.monitors.get((endpoint.host, endpoint.port))
+            if monitor is None or not monitor.up or not monitor.in_recovery:
+                continue
+            lsn = monitor.lsn
+            if lsn is None or lsn < reader.min_lsn:
+                continue
+            if max_lag is not None and primary_lsn is not None and primary_lsn - lsn > max_lag:
+                continue
+            pool = self.proxy.pools_by_endpoint(self.database.name, endpoint)
+            busy = sum(len(p.active) + len(p.waiters) for p in pool)
+            score = ((busy + 1) / endpoint.weight, self._served.get(endpoint, 0) / endpoint.weight)
+            if best is None or score < best:
+                best, chosen = score, (endpoint, monitor)
+        if chosen is None or (self.routing.reads == "any" and self._primary_turn()):
+            if chosen is None:
+                self.no_replica += 1
+            self.to_primary += 1
+            return None
+        endpoint, monitor = chosen
+        self._served[endpoint] = self._served.get(endpoint, 0) + 1
+        assert monitor.lsn is not None
+        reader.min_lsn = max(reader.min_lsn, monitor.lsn)  # monotonic reads
+        self.to_replica += 1
+        return endpoint
+
+    def _primary_turn(self) -> bool:
+        """With reads: any, the primary takes its share as one more member of weight 1."""
+        turns = sum(self._served.values()) + self._served.get(self.database.primary, 0)
+        members = len(self.database.replicas) + 1
+        if turns % members == 0:
+            self._served[self.database.primary] = self._served.get(self.database.primary, 0) + 1
+            return True
+        return False
+
+    def _writes_visible(self, reader: Reader) -> bool:
+        """Read-your-writes: may this client's reads leave the primary yet?"""
+        mode = self.routing.read_your_writes
+        assert reader.wrote_at is not None
+        if mode == "off":
+            reader.wrote_at = None
+            return True
+        if mode == "duration":
+            if time.monotonic() - reader.wrote_at < self.routing.read_your_writes_window:
+                return False
+            reader.wrote_at = None
+            return True
+        # lsn: any primary position read after the write ended covers the write's commit.
+        primary = self.primary
+        if primary is None or primary.lsn is None or primary.poll_started <= reader.wrote_at:
+            return False
+        reader.min_lsn = max(reader.min_lsn, primary.lsn)
+        reader.wrote_at = None
+        return True
+
+    def misrouted(self, sql: str, sqlstate: str) -> None:
+        self.misroutes += 1
+        fingerprint = " ".join(sql.split())[:200]
+        if fingerprint not in self._misrouted and len(self._misrouted) < 1000:
+            self._misrouted.add(fingerprint)
+            log.warning(
+                "replica refused a read; retried on the primary",
+                database=self.database.name,
+                sqlstate=sqlstate,
+                statement=fingerprint,
+            )
