@@ -1,5 +1,5 @@
 """Watches one backend on its own connection: reachable or not, primary or replica, and its
-WAL position (the primary's current LSN, a replica's replay LSN), every `interval`.
+WAL position (the primary's insert LSN, a replica's replay LSN), every `interval`.
 
 These are the facts routing and failover decide on, so they are polled often (100 ms by
 default) with one cheap statement, never on a client's connection.
@@ -18,9 +18,11 @@ from protocol.auth import LoginError
 
 log = structlog.get_logger("pgrouter.monitor")
 
+# The primary's *insert* position: the write position can trail a commit record that was
+# just made (synchronous_commit = off), and read-your-writes must cover that commit.
 POSITION_QUERY = (
     "SELECT pg_catalog.pg_is_in_recovery(), CASE WHEN pg_catalog.pg_is_in_recovery() "
-    "THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_lsn() END"
+    "THEN pg_catalog.pg_last_wal_replay_lsn() ELSE pg_catalog.pg_current_wal_insert_lsn() END"
 )
 
 

@@ -68,7 +68,44 @@ def _refusal(out: bytearray) -> str | bool | None:
     return None
 
 
-_HELD_KINDS = frozenset(b"TNS")  # RowDescription, notices, parameters: before any result
+# Before any result: RowDescription, notices, parameters, Parse/BindComplete,
+# ParameterDescription, NoData.
+_HELD_KINDS = frozenset(b"TNS12tn")
+_SYNC = b"S\x00\x00\x00\x04"
+
+
+def _ends_at_sync(buf: bytearray) -> bool:
+    """One simple Query, or one extended-protocol batch closed by its Sync."""
+    end = 1 + int.from_bytes(buf[1:5], "big")
+    return (buf[0] == 81 and end == len(buf)) or (buf[0] == 80 and buf.endswith(_SYNC))
+
+
+def _statements(buf: bytearray) -> list[str] | None:
+    """The SQL texts of the Query and Parse messages buffered for one server; None while
+    the first message is incomplete or an extended-protocol batch has no Sync/Flush yet
+    (its later Parse messages could still be writes); [] when the batch names no SQL."""
+    texts: list[str] = []
+    pos, n = 0, len(buf)
+    extended = n > 0 and buf[0] != 81
+    while pos + 5 <= n:
+        kind = buf[pos]
+        end = pos + 1 + int.from_bytes(buf[pos + 1 : pos + 5], "big")
+        if end > n:
+            break
+        if kind == 81:  # Query
+            texts.append(bytes(buf[pos + 5 : end - 1]).decode("utf-8", "replace"))
+        elif kind == 80:  # Parse: statement name, then the text
+            name_end = buf.index(0, pos + 5)
+            text_end = buf.index(0, name_end + 1)
+            texts.append(bytes(buf[name_end + 1 : text_end]).decode("utf-8", "replace"))
+        elif kind in (83, 72):  # Sync, Flush: the batch is complete
+            return texts
+        elif not texts and kind != 80:
+            return []  # starts with Bind/Execute/...: a statement prepared earlier
+        pos = end
+    if pos == 0 or (extended and texts):
+        return None
+    return texts
 
 
 class State(enum.Enum):
@@ -547,38 +584,35 @@ class ClientSession(asyncio.Protocol):
         buf = self.buffer
         self._txn_writes = True
         self._guard = None
-        if len(buf) < 5:
-            return False
-        end = 1 + int.from_bytes(buf[1:5], "big")
-        if len(buf) < end:
-            return False
-        kind = buf[0]
-        if kind == 81:  # Query
-            sql = bytes(buf[5 : end - 1]).decode("utf-8", "replace")
-        elif kind == 80:  # Parse: statement name, then the text
-            name_end = buf.index(0, 5)
-            sql = bytes(buf[name_end + 1 : buf.index(0, name_end + 1)]).decode("utf-8", "replace")
-        else:  # Bind of a statement prepared earlier, FunctionCall...: unknown text
+        statements = _statements(buf)
+        if statements is None:
+            return False  # wait for a whole message (and for a Sync or Flush after a Parse)
+        if not statements:  # Bind of a statement prepared earlier, FunctionCall...: unknown
             router.to_primary += 1
             return self.primary_pool
-        verdict = router.classifier.classify(sql)
-        if verdict.sets_route is not None and kind == 81:
-            self._set_route(verdict.sets_route, end)
+        verdicts = [router.classifier.classify(sql) for sql in statements]
+        first = verdicts[0]
+        if first.sets_route is not None and buf[0] == 81 and len(verdicts) == 1:
+            self._set_route(first.sets_route, 1 + int.from_bytes(buf[1:5], "big"))
             return True
-        if verdict.writes_catalog:
+        if any(v.writes_catalog for v in verdicts):
             router.catalog_changed()
             self._txn_ddl = True
-        read = verdict.read_only or (verdict.begins and verdict.read_only_txn)
-        if not read or Target.PRIMARY in (verdict.hint, self.route_override):
+        # Everything buffered goes to one server: all of it must be provably read-only.
+        read = (first.read_only or (first.begins and first.read_only_txn)) and all(
+            v.read_only for v in verdicts[1:]
+        )
+        hinted = Target.PRIMARY in (first.hint, self.route_override)
+        if not read or hinted:
             router.to_primary += 1
             return self.primary_pool
         self._txn_writes = False
         endpoint = router.read_endpoint(self.reader)
         if endpoint is None:
             return self.primary_pool
-        if kind == 81 and end == len(buf) and not verdict.begins:
-            self._guard = bytes(buf)
-            self._guard_sql = sql
+        if self.pending == 1 and not first.begins and _ends_at_sync(buf):
+            self._guard = bytes(buf)  # kept for a retry on the primary if the replica refuses
+            self._guard_sql = statements[0]
         assert self.database is not None
         return self.proxy.pool_for(self.database, self.user, endpoint)
 

@@ -134,7 +134,9 @@ class Router:
                 continue
             pool = self.proxy.pools_by_endpoint(self.database.name, endpoint)
             busy = sum(len(p.active) + len(p.waiters) for p in pool)
-            score = ((busy + 1) / endpoint.weight, self._served.get(endpoint, 0) / endpoint.weight)
+            # Least busy per weight; among equally busy ones, the least served per weight,
+            # which spreads an idle-time trickle of reads by weight too.
+            score = (busy / endpoint.weight, self._served.get(endpoint, 0) / endpoint.weight)
             if best is None or score < best:
                 best, chosen = score, (endpoint, monitor)
         if chosen is None or (self.routing.reads == "any" and self._primary_turn()):
