@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
+import structlog
+
 from protocol import messages as m
 from protocol.auth import LoginError, ServerLogin
 from protocol.errors import ProtocolViolation, parse_error_fields
@@ -21,6 +23,7 @@ from protocol.framing import MessageReader
 from protocol.scanner import BackendScanner
 
 _I32 = struct.Struct("!I")
+log = structlog.get_logger("pgrouter.server")
 WRITE_HIGH_WATER = 256 * 1024
 HiddenDone = Callable[[list[dict[str, str]], list[list[str | None]]], None]
 
@@ -94,6 +97,14 @@ class ServerConnection(asyncio.Protocol):
         transport.write(self.login.startup())
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._data(data)
+        except ProtocolViolation as exc:  # a broken server: never reuse it
+            log.warning("server protocol violation", server=repr(self), error=str(exc))
+            if self.transport is not None:
+                self.transport.abort()  # connection_lost tells the linked client
+
+    def _data(self, data: bytes) -> None:
         if self._hidden is not None:
             data = self._read_hidden(data)
             if not data:

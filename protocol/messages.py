@@ -131,17 +131,22 @@ def split_cstrings(body: bytes) -> list[str]:
 
 def parse_data_row(body: bytes) -> list[str | None]:
     """Decode a text-format DataRow body (NULL as None)."""
-    (count,) = struct.unpack_from("!H", body)
-    values: list[str | None] = []
-    pos = 2
-    for _ in range(count):
-        (length,) = struct.unpack_from("!i", body, pos)
-        pos += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(body[pos : pos + length].decode("utf-8", "replace"))
-            pos += length
+    try:
+        (count,) = struct.unpack_from("!H", body)
+        values: list[str | None] = []
+        pos = 2
+        for _ in range(count):
+            (length,) = struct.unpack_from("!i", body, pos)
+            pos += 4
+            if length < 0:
+                values.append(None)
+            elif pos + length > len(body):
+                raise ProtocolViolation("DataRow column runs past the message")
+            else:
+                values.append(body[pos : pos + length].decode("utf-8", "replace"))
+                pos += length
+    except struct.error as exc:
+        raise ProtocolViolation(f"malformed DataRow: {exc}") from exc
     return values
 
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import messages as m
+from protocol.errors import ProtocolViolation
 from protocol.framing import MessageReader, StartupReader
 from tests.unit.protocol_helpers import FAST, frame
 
@@ -301,3 +302,11 @@ def test_parse_options_round_trips_escaped_values(
         style = data.draw(st.sampled_from(["-c ", "-c", "--"]))
         words.append(f"{style}{_escape(name)}={_escape(value)}")
     assert m.parse_options(" ".join(words)) == settings
+
+
+def test_parse_data_row_round_trip_and_malformed_rows() -> None:
+    assert m.parse_data_row(m.data_row(["a", None, ""])[5:]) == ["a", None, ""]
+    with pytest.raises(ProtocolViolation):
+        m.parse_data_row(b"\x00\x01\x00\x00\x00\x09abc")  # a column longer than the row
+    with pytest.raises(ProtocolViolation):
+        m.parse_data_row(b"\x00\x02\x00\x00\x00\x01a")  # a missing column
