@@ -461,6 +461,21 @@ def _unquoted_primary_route(sql: str) -> Verdict | None:
     return Verdict(False, "set_route", sets_route=Target.PRIMARY)
 
 
+_NUMBER = re.compile(r"(?<![\w$.])\d+(?:\.\d+)?(?![\w$.])")
+
+
+def normalize_numbers(sql: str) -> str:
+    """The text with standalone numeric literals replaced by 0, for the cache key.
+
+    Texts with quoted identifiers or dollar signs (a digit there can be part of a name or a
+    tag) and texts naming pgrouter (hints, SET pgrouter.route, whose values are kept) are
+    returned unchanged.
+    """
+    if '"' in sql or "$" in sql or "pgrouter" in sql.lower():
+        return sql
+    return _NUMBER.sub("0", sql)
+
+
 class Classifier:
     """LRU-cached statement classifier for one database.
 
@@ -526,14 +541,25 @@ class Classifier:
     # --- public API --------------------------------------------------------------------------
 
     def classify(self, sql: str) -> Verdict:
-        """Classify one simple-Query or Parse text; the parser runs only on a cache miss."""
+        """Classify one simple-Query or Parse text; the parser runs only on a cache miss.
+
+        Texts that differ only in numbers (simple-protocol clients inline their values)
+        share one entry: a number's value never changes a statement's verdict.
+        """
         cache = self._cache
         verdict = cache.get(sql)
         if verdict is not None:
             cache.move_to_end(sql)
             self.hits += 1
             return verdict
-        return self._miss(sql)
+        key = normalize_numbers(sql)
+        if key != sql:
+            verdict = cache.get(key)
+            if verdict is not None:
+                cache.move_to_end(key)
+                self.hits += 1
+                return verdict
+        return self._miss(sql, key)
 
     def set_volatile_functions(self, names: Iterable[str]) -> None:
         """Replace the learned VOLATILE function names (``name`` and ``schema.name``).
@@ -564,16 +590,16 @@ class Classifier:
 
     # --- miss path ---------------------------------------------------------------------------
 
-    def _miss(self, sql: str) -> Verdict:
+    def _miss(self, sql: str, key: str) -> Verdict:
         self.misses += 1
         start = time.perf_counter()
         verdict = self._classify_uncached(sql)
         self.parse_seconds += time.perf_counter() - start
-        size = len(sql)
+        size = len(key)
         limit = self._max_parse_length
         if self.cache_size and size <= self._max_entry and (limit is None or size <= limit):
             cache = self._cache
-            cache[sql] = verdict
+            cache[key] = verdict
             self._cache_chars += size
             while len(cache) > self.cache_size or self._cache_chars > self._max_cache_bytes:
                 old, _ = cache.popitem(last=False)

@@ -50,9 +50,9 @@ GUARD_LIMIT = 64 * 1024  # a replica reply held longer than this is forwarded as
 _RETRY_SQLSTATES = frozenset({"25006", "40001"})  # read-only transaction, recovery conflict
 
 
-def _refusal(out: bytearray) -> str | bool | None:
-    """Walk a held reply: the SQLSTATE of a refusal, False once results flow (or another
-    error came), None while undecided."""
+def _refusal(out: bytes | bytearray) -> str | None:
+    """Walk a held reply: the SQLSTATE of a refusal, "" once results flow (or another error
+    came), None while undecided."""
     pos, n = 0, len(out)
     while pos + 5 <= n:
         kind = out[pos]
@@ -607,7 +607,7 @@ class ClientSession(asyncio.Protocol):
             router.to_primary += 1
             return self.primary_pool
         self._txn_writes = False
-        endpoint = router.read_endpoint(self.reader)
+        endpoint = router.read_endpoint(self.reader, self.user)
         if endpoint is None:
             return self.primary_pool
         if self.pending == 1 and not first.begins and _ends_at_sync(buf):
@@ -738,6 +738,13 @@ class ClientSession(asyncio.Protocol):
         before the client has seen anything."""
         if not self._guard_retry:
             out = self._guard_out
+            if not out and _refusal(data) == "":  # the usual case: results from the start
+                self._guard = None
+                if count:
+                    self.server_ready(data, count)
+                else:
+                    self.server_data(data)
+                return
             out += data
             refusal = _refusal(out)
             if refusal is None and not count and len(out) < GUARD_LIMIT:
@@ -753,7 +760,7 @@ class ClientSession(asyncio.Protocol):
                 return
             self._guard_retry = True
             assert self.router is not None
-            self.router.misrouted(self._guard_sql, str(refusal))
+            self.router.misrouted(self._guard_sql, refusal)
         if not count:
             return  # the rest of the refused reply is still coming
         query = self._guard

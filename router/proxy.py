@@ -134,13 +134,6 @@ class Proxy:
     def router_for(self, database: Database) -> Router | None:
         return self.routers.get(database.name)
 
-    def pools_by_endpoint(self, database: str, endpoint: Endpoint) -> list[Pool]:
-        return [
-            pool
-            for key, pool in self.pools.items()
-            if key.database == database and key.host == endpoint.host and key.port == endpoint.port
-        ]
-
     def reload(self, config: Config) -> None:
         """Use `config` for new logins and pool settings; connected clients stay."""
         self.config = config

@@ -109,7 +109,7 @@ class Router:
 
     # ---- decisions ----------------------------------------------------------------------------
 
-    def read_endpoint(self, reader: Reader) -> Endpoint | None:
+    def read_endpoint(self, reader: Reader, user: str) -> Endpoint | None:
         """A replica for a provably read-only transaction, or None for the primary."""
         if not self.catalog_known:
             self.to_primary += 1
@@ -132,8 +132,8 @@ class Router:
                 continue
             if max_lag is not None and primary_lsn is not None and primary_lsn - lsn > max_lag:
                 continue
-            pool = self.proxy.pools_by_endpoint(self.database.name, endpoint)
-            busy = sum(len(p.active) + len(p.waiters) for p in pool)
+            pool = self.proxy.pool_for(self.database, user, endpoint)
+            busy = len(pool.active) + len(pool.waiters)
             # Least busy per weight; among equally busy ones, the least served per weight,
             # which spreads an idle-time trickle of reads by weight too.
             score = (busy / endpoint.weight, self._served.get(endpoint, 0) / endpoint.weight)

@@ -626,17 +626,36 @@ def test_cache_hits_and_misses() -> None:
 
 def test_cache_is_lru() -> None:
     c = Classifier(cache_size=2)
-    c.classify("SELECT 1")
-    c.classify("SELECT 2")
-    c.classify("SELECT 1")  # refresh: SELECT 2 is now the oldest
-    c.classify("SELECT 3")  # evicts SELECT 2
+    c.classify("SELECT a")
+    c.classify("SELECT b")
+    c.classify("SELECT a")  # refresh: SELECT b is now the oldest
+    c.classify("SELECT c")  # evicts SELECT b
     assert c.cached == 2
     misses = c.misses
-    c.classify("SELECT 1")
-    c.classify("SELECT 3")
+    c.classify("SELECT a")
+    c.classify("SELECT c")
     assert c.misses == misses
-    c.classify("SELECT 2")
+    c.classify("SELECT b")
     assert c.misses == misses + 1
+
+
+def test_texts_differing_only_in_numbers_share_a_verdict() -> None:
+    c = Classifier()
+    for aid in (1, 22, 333, 4.5):
+        assert c.classify(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}").read_only
+    assert c.misses == 1
+
+
+def test_digits_in_names_never_share_a_verdict() -> None:
+    """f1 and f2 are different functions: one may write, the other not."""
+    c = Classifier()
+    c.set_volatile_functions({"f1"})
+    assert not c.classify("SELECT f1()").read_only
+    assert c.classify("SELECT f2()").read_only
+    assert not c.classify('SELECT "f1"()').read_only
+    assert c.classify('SELECT "f2"()').read_only
+    assert not c.classify("SELECT t.f1 FROM t").read_only  # attribute notation: f1(t)
+    assert c.classify("SELECT t.f2 FROM t").read_only
 
 
 def test_cache_size_zero_disables_caching() -> None:
