@@ -93,6 +93,7 @@ LISTS_ROWS = (
     "free_servers", "used_servers", "dns_names", "dns_zones", "dns_queries", "dns_pending",
 )  # fmt: skip
 CONFIG_COLUMNS = ("key", "value", "default", "changeable")
+ROUTES_COLUMNS = ("database", "target", "reason", "transactions")
 BACKENDS_COLUMNS = (
     "database", "host", "port", "role", "state", "byte_lag", "time_lag", "replay_lsn",
     "last_check",
@@ -100,7 +101,7 @@ BACKENDS_COLUMNS = (
 
 HELP_TEXT = (
     "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION"
-    "\n\tSHOW LISTS|BACKENDS"
+    "\n\tSHOW LISTS|BACKENDS|ROUTES"
     "\n\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS"
     "\n\tRELOAD"
     "\n\tPAUSE [<db>]"
@@ -407,6 +408,7 @@ class AdminConsole:
             "version": self.show_version,
             "help": self.show_help,
             "backends": self.show_backends,
+            "routes": self.show_routes,
         }
 
     def execute(self, sql: str) -> bytes:
@@ -714,6 +716,22 @@ class AdminConsole:
 
     def show_help(self) -> bytes:
         return _notice("Console usage", HELP_TEXT) + m.command_complete("SHOW")
+
+    def show_routes(self) -> bytes:
+        """Transactions of each routed database by target and reason (since start)."""
+        rows = []
+        for name, router in self.proxy.routers.items():
+            held = router.no_replica + router.ryw_fallbacks + router.catalog_waits
+            counts = [
+                ("replica", "read_only", router.to_replica),
+                ("primary", "write_or_unproven", router.to_primary - held),
+                ("primary", "no_replica_qualified", router.no_replica),
+                ("primary", "read_your_writes", router.ryw_fallbacks),
+                ("primary", "functions_not_yet_known", router.catalog_waits),
+                ("primary", "replica_refused_retried", router.misroutes),
+            ]
+            rows += [[name, target, reason, count] for target, reason, count in counts]
+        return _rows(ROUTES_COLUMNS, rows)
 
     def show_backends(self) -> bytes:
         """Every backend of every database: role and state as its monitor last saw them

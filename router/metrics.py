@@ -54,6 +54,7 @@ class ProxyCollector:
         states = pool_states(self.proxy)
         yield from self._pools(states)
         yield from self._backends()
+        yield from self._routing()
         yield from self._process()
         yield from self._pgbouncer(states)
 
@@ -165,6 +166,37 @@ class ProxyCollector:
             if monitor.in_recovery and monitor.lsn is not None and upstream and upstream.lsn:
                 lag.add_metric(name, max(upstream.lsn - monitor.lsn, 0))
         yield from (up, primary, lsn, lag, checks)
+
+    def _routing(self) -> Iterator[Metric]:
+        """Routing decisions and the classifier's cache, per database with replicas."""
+        db = ["database"]
+        routed = CounterMetricFamily(
+            "pgrouter_routed_transactions", "Transactions by target", labels=[*db, "target"]
+        )
+        fallbacks = CounterMetricFamily(
+            "pgrouter_read_fallbacks",
+            "Read-only transactions kept on the primary, by reason",
+            labels=[*db, "reason"],
+        )
+        misroutes = CounterMetricFamily(
+            "pgrouter_misroutes", "Reads a replica refused, retried on the primary", labels=db
+        )
+        cache = CounterMetricFamily(
+            "pgrouter_classifier_cache", "Statement classifier lookups", labels=[*db, "result"]
+        )
+        parse = CounterMetricFamily(
+            "pgrouter_classifier_parse_seconds", "Time spent parsing statements", labels=db
+        )
+        for name, router in self.proxy.routers.items():
+            routed.add_metric([name, "replica"], router.to_replica)
+            routed.add_metric([name, "primary"], router.to_primary)
+            fallbacks.add_metric([name, "no_replica"], router.no_replica)
+            fallbacks.add_metric([name, "read_your_writes"], router.ryw_fallbacks)
+            misroutes.add_metric([name], router.misroutes)
+            cache.add_metric([name, "hit"], router.classifier.hits)
+            cache.add_metric([name, "miss"], router.classifier.misses)
+            parse.add_metric([name], router.classifier.parse_seconds)
+        yield from (routed, fallbacks, misroutes, cache, parse)
 
     def _process(self) -> Iterator[Metric]:
         proxy = self.proxy

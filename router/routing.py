@@ -55,6 +55,7 @@ class Router:
         self.no_replica = 0  # read-only, but no replica qualified
         self.ryw_fallbacks = 0  # read-only, kept on the primary by read-your-writes
         self.misroutes = 0  # a replica refused a read: retried on the primary
+        self.catalog_waits = 0  # read-only, held on the primary until pg_proc was read
         self._misrouted: set[str] = set()
 
     @property
@@ -112,6 +113,7 @@ class Router:
     def read_endpoint(self, reader: Reader, user: str) -> Endpoint | None:
         """A replica for a provably read-only transaction, or None for the primary."""
         if not self.catalog_known:
+            self.catalog_waits += 1
             self.to_primary += 1
             return None
         if reader.wrote_at is not None and not self._writes_visible(reader):

@@ -164,3 +164,43 @@ def test_backends_show_roles_positions_and_lag(proxy_factory: Any, cluster: Any)
     finally:
         replica.sql("SELECT pg_wal_replay_resume()")
         cluster.primary.sql("DROP TABLE IF EXISTS lag_probe", dbname="appdb")
+
+
+@pytest.mark.timeout(60)
+def test_routing_decisions_and_classifier_in_metrics(proxy_factory: Any) -> None:
+    http_port = free_port()
+    proxy = proxy_factory(
+        {
+            "admin": {"users": [APP_USER], "http": f"127.0.0.1:{http_port}"},
+            "databases": {"appdb": {"routing": {"reads": "replicas"}}},
+        }
+    )
+    url = f"http://127.0.0.1:{http_port}/metrics"
+
+    def samples() -> dict[tuple[str, str], float]:
+        families = {f.name: f for f in text_string_to_metric_families(_get(url)[1])}
+        out = {}
+        for family in ("pgrouter_routed_transactions", "pgrouter_classifier_cache"):
+            for s in families[family].samples:
+                if s.name.endswith("_total") and s.labels["database"] == "appdb":
+                    out[(family, s.labels.get("target") or s.labels["result"])] = s.value
+        return out
+
+    deadline = time.monotonic() + 10
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as conn:
+        while samples().get(("pgrouter_routed_transactions", "replica"), 0) < 5:
+            assert time.monotonic() < deadline, samples()
+            conn.execute("SELECT 1")
+            time.sleep(0.05)
+        conn.execute("SELECT pg_advisory_lock(1), pg_advisory_unlock(1)")  # a writer: primary
+    got = samples()
+    routes = psql(proxy, "SHOW ROUTES")
+    assert routes.returncode == 0, routes.stderr
+    header, *lines = routes.stdout.strip().splitlines()[:-1]
+    assert header == "database|target|reason|transactions"
+    table = {tuple(r.split("|")[:3]): int(r.split("|")[3]) for r in lines}
+    assert table[("appdb", "replica", "read_only")] >= 5
+    assert table[("appdb", "primary", "write_or_unproven")] >= 1
+    assert got[("pgrouter_routed_transactions", "primary")] >= 1
+    assert got[("pgrouter_classifier_cache", "hit")] >= 4  # "SELECT 1" parsed once
+    assert got[("pgrouter_classifier_cache", "miss")] >= 2
