@@ -247,11 +247,6 @@ class Pool:
             self._hand_over(server)
         self._grow()
 
-    @property
-    def busy(self) -> bool:
-        """Some server is linked to a client (or being reset)."""
-        return bool(self.active)
-
     def fill(self) -> None:
         """Top up to min_pool_size (called by the janitor and at start)."""
         self._grow()

@@ -36,7 +36,6 @@ class ServerClient(Protocol):
     def server_ready(self, data: bytes, count: int) -> None: ...
     def server_data(self, data: bytes) -> None: ...
     def server_lost(self, server: ServerConnection, reason: str) -> None: ...
-    def server_notice(self, data: bytes) -> None: ...
 
 
 class ServerConnection(asyncio.Protocol):
@@ -233,10 +232,6 @@ class ServerConnection(asyncio.Protocol):
                     self.client.transport.write(m.message(b"S", body))
         return b""
 
-    @property
-    def in_hidden_query(self) -> bool:
-        return self._hidden is not None
-
     # ---- linking ----------------------------------------------------------------------------
 
     def unlink(self) -> None:
@@ -255,10 +250,6 @@ class ServerConnection(asyncio.Protocol):
         if self.transport is not None and self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
 
     def close(self) -> None:
         """Close politely (Terminate) unless the socket is already gone."""

@@ -796,12 +796,6 @@ class ClientSession(asyncio.Protocol):
             detail=reason,
         )
 
-    def server_notice(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def cancel_target(self) -> ServerConnection | None:
-        return self.server
-
 
 class _FirstLogin:
     """Waits for a pool's first server login so its welcome parameters are known."""
