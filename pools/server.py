@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -58,6 +59,7 @@ class ServerConnection(asyncio.Protocol):
         "on_lost",
         "parameters",
         "port",
+        "prepared",
         "reading_paused",
         "retired",
         "scanner",
@@ -76,6 +78,7 @@ class ServerConnection(asyncio.Protocol):
         self.parameters: dict[str, str] = {}
         self.backend_key = (0, 0)
         self.settings: dict[str, str] = {}  # session settings applied for clients (lower-case)
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()  # our statement names, LRU
         self.created = time.monotonic()
         self.last_used = self.created
         self.closed = False
@@ -140,6 +143,9 @@ class ServerConnection(asyncio.Protocol):
         client = self.client
         if client is not None:
             client.server_lost(self, reason)
+        done, self._hidden_done = self._hidden_done, None
+        if done is not None:  # a hidden query will never be answered
+            done([{"C": "08006", "M": reason}], [])
         if self.on_lost is not None:
             self.on_lost(self)
 

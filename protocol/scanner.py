@@ -15,6 +15,7 @@ _S = ord("S")
 _Q = ord("Q")
 _F = ord("F")
 _X = ord("X")
+_P = ord("P")
 _ANSWERED = frozenset((_Q, _S, _F))  # each gets one ReadyForQuery
 
 
@@ -85,10 +86,21 @@ class FrontendScanner:
     Query, Sync and FunctionCall each get exactly one ReadyForQuery. A Terminate stops the
     walk and sets `terminated`; `terminated_at` is its offset in the chunk, so the caller can
     keep it from a pooled server (negative when its header began in an earlier chunk, which
-    was already forwarded). Messages over `max_size` are protocol violations.
+    was already forwarded). Messages over `max_size` are protocol violations. With `watch` set it
+    also notes the first Parse of a named statement, where prepared-statement tracking starts.
     """
 
-    __slots__ = ("_need", "_partial", "max_size", "terminated", "terminated_at")
+    __slots__ = (
+        "_need",
+        "_partial",
+        "max_size",
+        "named_at",
+        "named_end",
+        "named_syncs",
+        "terminated",
+        "terminated_at",
+        "watch",
+    )
 
     def __init__(self, max_size: int) -> None:
         self._need = 0
@@ -96,6 +108,14 @@ class FrontendScanner:
         self.max_size = max_size
         self.terminated = False
         self.terminated_at = 0
+        # The first Parse of a named statement, once `watch` is set: its offset and end in
+        # the chunk (the offset is negative when its header began in an earlier chunk), and
+        # the ReadyForQuery-producing messages before it in the chunk. named_end stays 0
+        # until one is seen; watching then stops.
+        self.watch = False
+        self.named_at = 0
+        self.named_end = 0
+        self.named_syncs = 0
 
     def feed(self, data: bytes) -> int:
         n = len(data)
@@ -135,6 +155,11 @@ class FrontendScanner:
                 self.terminated = True
                 self.terminated_at = pos - shift
                 return syncs
+            elif kind == _P and self.watch and (pos + 5 >= n or data[pos + 5]):
+                self.watch = False
+                self.named_at = pos - shift
+                self.named_end = pos - shift + 1 + length
+                self.named_syncs = syncs
             pos += 1 + length
         if pos > n:
             self._need = pos - n

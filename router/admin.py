@@ -94,6 +94,7 @@ LISTS_ROWS = (
 )  # fmt: skip
 CONFIG_COLUMNS = ("key", "value", "default", "changeable")
 ROUTES_COLUMNS = ("database", "target", "reason", "transactions")
+PINS_COLUMNS = ("reason", "pinned", "total")
 BACKENDS_COLUMNS = (
     "database", "host", "port", "role", "state", "byte_lag", "time_lag", "replay_lsn",
     "last_check",
@@ -101,7 +102,7 @@ BACKENDS_COLUMNS = (
 
 HELP_TEXT = (
     "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION"
-    "\n\tSHOW LISTS|BACKENDS|ROUTES"
+    "\n\tSHOW LISTS|BACKENDS|ROUTES|PINS"
     "\n\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS"
     "\n\tRELOAD"
     "\n\tPAUSE [<db>]"
@@ -409,6 +410,7 @@ class AdminConsole:
             "help": self.show_help,
             "backends": self.show_backends,
             "routes": self.show_routes,
+            "pins": self.show_pins,
         }
 
     def execute(self, sql: str) -> bytes:
@@ -733,6 +735,12 @@ class AdminConsole:
             rows += [[name, target, reason, count] for target, reason, count in counts]
         return _rows(ROUTES_COLUMNS, rows)
 
+    def show_pins(self) -> bytes:
+        """Clients kept on their server by session state, by reason: now and since start."""
+        proxy = self.proxy
+        rows = [[reason, proxy.pinned[reason], proxy.pins_total[reason]] for reason in proxy.pinned]
+        return _rows(PINS_COLUMNS, rows)
+
     def show_backends(self) -> bytes:
         """Every backend of every database: role and state as its monitor last saw them
         (the topology's role until then), byte lag behind the database's primary, LSN."""
@@ -803,6 +811,8 @@ def config_rows(config: Config) -> list[list[str]]:
         ("pool_size", str(config.pool_size), str(d.pool_size), True),
         ("min_pool_size", str(config.min_pool_size), str(d.min_pool_size), True),
         ("max_client_conn", str(config.max_client_conn), str(d.max_client_conn), True),
+        ("max_prepared_statements", str(config.max_prepared_statements),
+         str(d.max_prepared_statements), True),
         ("server_idle_timeout", dur(config.server_idle_timeout), dur(d.server_idle_timeout), True),
         ("server_lifetime", dur(config.server_lifetime), dur(d.server_lifetime), True),
         ("server_connect_timeout", dur(config.server_connect_timeout),

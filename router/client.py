@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import secrets
 import time
 from typing import TYPE_CHECKING, cast
@@ -32,6 +33,13 @@ from router import __version__
 from router.classify import Target
 from router.config import ADMIN_DATABASES
 from router.routing import Reader, Router
+from router.statements import (
+    STATE_IN_QUERY,
+    ClientStatements,
+    Statement,
+    custom_settings,
+    reconcile,
+)
 
 if TYPE_CHECKING:
     from router.admin import AdminConsole
@@ -80,10 +88,11 @@ def _ends_at_sync(buf: bytearray) -> bool:
     return (buf[0] == 81 and end == len(buf)) or (buf[0] == 80 and buf.endswith(_SYNC))
 
 
-def _statements(buf: bytearray) -> list[str] | None:
-    """The SQL texts of the Query and Parse messages buffered for one server; None while
-    the first message is incomplete or an extended-protocol batch has no Sync/Flush yet
-    (its later Parse messages could still be writes); [] when the batch names no SQL."""
+def _statements(buf: bytearray, names: dict[bytes, Statement] | None) -> list[str] | None:
+    """The SQL texts of the Query and Parse messages buffered for one server, and of the
+    prepared statements (`names`) its Bind and Describe messages use; None while the first
+    message is incomplete or an extended-protocol batch has no Sync/Flush yet (its later
+    Parse messages could still be writes); [] when the batch names no SQL we know."""
     texts: list[str] = []
     pos, n = 0, len(buf)
     extended = n > 0 and buf[0] != 81
@@ -100,6 +109,14 @@ def _statements(buf: bytearray) -> list[str] | None:
             texts.append(bytes(buf[name_end + 1 : text_end]).decode("utf-8", "replace"))
         elif kind in (83, 72):  # Sync, Flush: the batch is complete
             return texts
+        elif names is not None and (kind == 66 or (kind == 68 and buf[pos + 5] == 83)):
+            # Bind, Describe statement: the text of a statement prepared earlier
+            start = buf.index(0, pos + 5) + 1 if kind == 66 else pos + 6
+            known = names.get(bytes(buf[start : buf.index(0, start)]))
+            if known is not None:
+                texts.append(known.sql)
+            elif not texts:
+                return []
         elif not texts and kind != 80:
             return []  # starts with Bind/Execute/...: a statement prepared earlier
         pos = end
@@ -117,14 +134,20 @@ class State(enum.Enum):
     CLOSED = 6
 
 
+UNKNOWN_SETTINGS = "\0unknown"
+
+
 def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
 def settings_sql(current: dict[str, str], wanted: dict[str, str]) -> str:
     """One simple query moving a server session from `current` to `wanted` settings."""
-    changed = [(k, v) for k, v in wanted.items() if current.get(k) != v]
     parts = []
+    if UNKNOWN_SETTINGS in current:  # what the server has is not known: start from scratch
+        parts.append("RESET ALL")
+        current = {}
+    changed = [(k, v) for k, v in wanted.items() if current.get(k) != v]
     if changed:
         calls = ", ".join(
             f"pg_catalog.set_config({quote_literal(k)}, {quote_literal(v)}, false)"
@@ -133,6 +156,38 @@ def settings_sql(current: dict[str, str], wanted: dict[str, str]) -> str:
         parts.append(f"SELECT {calls}")
     parts += [f"RESET {k}" for k in current if k not in wanted]
     return ";".join(parts)
+
+
+# Session state that cannot move to another server, in the order state_sql reports it.
+PIN_REASONS = ("listen", "advisory_lock", "temp_table", "holdable_cursor", "role", "sql_prepare")
+
+
+def state_sql(user: str, custom: set[str]) -> str:
+    """One row: the session's settings (pg_settings cannot list dotted ones, so they are asked
+    for by name), what pins it, and the protocol-level statements it holds."""
+    if custom:
+        names = ", ".join(quote_literal(name) for name in sorted(custom))
+        custom_sql = (
+            "(SELECT pg_catalog.json_object_agg(n, pg_catalog.current_setting(n, true))"
+            f" FROM pg_catalog.unnest(ARRAY[{names}]) AS n)"
+        )
+    else:
+        custom_sql = "'{}'"
+    return (
+        "SELECT (SELECT pg_catalog.json_object_agg(name, pg_catalog.current_setting(name))"
+        " FROM pg_catalog.pg_settings WHERE source = 'session'),"
+        f" {custom_sql},"
+        " (SELECT count(*) FROM pg_catalog.pg_listening_channels()),"
+        " (SELECT count(*) FROM pg_catalog.pg_locks"
+        "  WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()),"
+        " (SELECT count(*) FROM pg_catalog.pg_class"
+        "  WHERE relnamespace = pg_catalog.pg_my_temp_schema()),"
+        " (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable),"
+        f" current_user <> session_user OR session_user <> {quote_literal(user)},"
+        " (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql),"
+        " (SELECT pg_catalog.json_agg(name) FROM pg_catalog.pg_prepared_statements"
+        "  WHERE NOT from_sql)"
+    )
 
 
 def canonical_encoding(value: str) -> str:
@@ -148,6 +203,7 @@ class ClientSession(asyncio.Protocol):
         "_auth",
         "_canonical",
         "_console",
+        "_custom",
         "_guard",
         "_guard_out",
         "_guard_retry",
@@ -155,16 +211,19 @@ class ClientSession(asyncio.Protocol):
         "_reader",
         "_server_transport",
         "_startup",
+        "_touched",
         "_txn_ddl",
         "_txn_writes",
         "_waiter",
         "admin",
         "buffer",
+        "checking",
         "connected_at",
         "database",
         "key",
         "paused",
         "pending",
+        "pins",
         "pool",
         "primary_pool",
         "proxy",
@@ -175,8 +234,10 @@ class ClientSession(asyncio.Protocol):
         "server",
         "session_mode",
         "settings",
+        "startup_settings",
         "state",
         "statement_mode",
+        "statements",
         "transport",
         "user",
         "waiting",
@@ -191,6 +252,11 @@ class ClientSession(asyncio.Protocol):
         self.admin = False  # logging in to the admin console
         self._console: AdminConsole | None = None
         self.settings: dict[str, str] = {}  # wanted session settings, lower-case names
+        self.startup_settings: dict[str, str] = {}  # what RESET returns to
+        self.statements: ClientStatements | None = None  # named prepared statements, once used
+        self._touched = False  # the transaction may have changed session state
+        self._custom: set[str] = set()  # dotted setting names the client has set
+        self.pins: frozenset[str] = frozenset()  # why the client keeps its server
         self.key = (0, 0)  # our BackendKeyData for this client
         self.pool: Pool | None = None  # the pool of the current (or last) transaction
         self.primary_pool: Pool | None = None
@@ -210,6 +276,7 @@ class ClientSession(asyncio.Protocol):
         self.pending = 0  # Query/Sync/FunctionCall sent and not yet answered
         self.buffer = bytearray()  # bytes of a transaction waiting for a server
         self.waiting = False
+        self.checking = False  # the server is being asked for its session state
         self._waiter: _FirstLogin | ClientSession = self
         self.paused = False  # our transport is over its write high-water mark
         self.scanner = FrontendScanner(proxy.config.max_packet_size)
@@ -240,8 +307,17 @@ class ClientSession(asyncio.Protocol):
                 self._terminate(data)
                 return
             self.pool.bytes_received += len(data)  # type: ignore[union-attr]  # set at login
+            statements = self.statements
+            if statements is None:
+                if self.scanner.named_end:
+                    statements = self._track_statements(answered)
+                elif data[0] == 81 and STATE_IN_QUERY.search(data) is not None:
+                    self._touched = True
+                    self._custom.update(custom_settings(data))
             transport = self._server_transport
             if transport is not None:  # the forwarding path
+                if statements is not None:
+                    data = statements.feed(data, self.server)  # type: ignore[arg-type]
                 transport.write(data)
             else:
                 self._queue(data)
@@ -301,10 +377,14 @@ class ClientSession(asyncio.Protocol):
             return
         self.state = State.CLOSED
         server = self.server
+        if self.pins:
+            self.proxy.unpin(self.pins)
         if server is not None:
             self._unlink()
             assert self.pool is not None
             reusable = self.pending <= 0 and server.clean and self.scanner.at_boundary
+            if self.pins or (self.touched and not self.session_mode):
+                reusable = False  # state another client must not inherit
             if reusable:
                 self.pool.release(server)
             else:
@@ -459,6 +539,8 @@ class ClientSession(asyncio.Protocol):
         self.state = State.WELCOME
         self.session_mode = self.database.pool_mode == "session"
         self.statement_mode = self.database.pool_mode == "statement"
+        self.startup_settings = dict(self.settings)
+        self.scanner.watch = not self.session_mode and self.proxy.config.max_prepared_statements > 0
         self.pool = self.primary_pool = self.proxy.pool_for(self.database, self.user)
         if not self.session_mode:
             self.router = self.proxy.router_for(self.database)
@@ -535,9 +617,15 @@ class ClientSession(asyncio.Protocol):
 
     def _queue(self, data: bytes) -> None:
         """Bytes (already scanned) while no server is linked: get one, or buffer them."""
-        if self.router is not None or self.waiting or self.buffer or data[0] in _COPY_MESSAGES:
+        if (
+            self.router is not None
+            or self.waiting
+            or self.checking
+            or self.buffer
+            or data[0] in _COPY_MESSAGES
+        ):
             self.buffer += data
-            if not self.waiting:
+            if not self.waiting and not self.checking:
                 self._begin()
             return
         self._acquire(self.pool, data)  # type: ignore[arg-type]  # set at login
@@ -562,6 +650,7 @@ class ClientSession(asyncio.Protocol):
                 if len(buf) < end:
                     return  # wait for the rest of the stale message
                 del buf[:end]
+                self._dropped(end)
             if not buf:
                 return
             if self.router is None:
@@ -584,7 +673,8 @@ class ClientSession(asyncio.Protocol):
         buf = self.buffer
         self._txn_writes = True
         self._guard = None
-        statements = _statements(buf)
+        tracked = self.statements
+        statements = _statements(buf, tracked.names if tracked is not None else None)
         if statements is None:
             return False  # wait for a whole message (and for a Sync or Flush after a Parse)
         if not statements:  # Bind of a statement prepared earlier, FunctionCall...: unknown
@@ -610,7 +700,7 @@ class ClientSession(asyncio.Protocol):
         endpoint = router.read_endpoint(self.reader, self.user)
         if endpoint is None:
             return self.primary_pool
-        if self.pending == 1 and not first.begins and _ends_at_sync(buf):
+        if tracked is None and self.pending == 1 and not first.begins and _ends_at_sync(buf):
             self._guard = bytes(buf)  # kept for a retry on the primary if the replica refuses
             self._guard_sql = statements[0]
         assert self.database is not None
@@ -619,6 +709,7 @@ class ClientSession(asyncio.Protocol):
     def _set_route(self, value: Target | str, end: int) -> None:
         """SET pgrouter.route = primary | replica | auto, answered without a server."""
         del self.buffer[:end]
+        self._dropped(end)
         self.pending -= 1
         if value in (Target.PRIMARY, Target.REPLICA, "auto"):
             # "replica" is the default behaviour: reads may use replicas, writes never do.
@@ -651,6 +742,8 @@ class ClientSession(asyncio.Protocol):
         if data is None:
             data = bytes(self.buffer)
             self.buffer.clear()
+        if self.statements is not None:
+            data = self.statements.feed(data, server)
         server.transport.write(data)  # type: ignore[union-attr]  # connected
 
     def _report_canonical(self, server: ServerConnection) -> None:
@@ -675,7 +768,7 @@ class ClientSession(asyncio.Protocol):
     def _settings_applied(self, server: ServerConnection, errors: list[dict[str, str]]) -> None:
         if not errors:
             return
-        server.settings = {"\0unknown": ""}  # re-applied in full next time
+        server.settings = {UNKNOWN_SETTINGS: ""}  # re-applied in full next time
         for fields in errors:
             text = f"pgrouter could not apply a session setting: {fields.get('M', '?')}"
             self.transport.write(e.notice_response(text, severity="WARNING"))
@@ -686,6 +779,8 @@ class ClientSession(asyncio.Protocol):
         if self.state is State.CLOSED:
             return
         self.buffer.clear()
+        if self.statements is not None:
+            self.statements.reset()
         out = [e.error_response(sqlstate, message)]
         out += [m.ready_for_query()] * max(self.pending, 0)
         self.pending = 0
@@ -697,6 +792,8 @@ class ClientSession(asyncio.Protocol):
         if self._guard is not None:
             self._guarded_reply(data, count)
             return
+        if self.statements is not None:
+            data = self.statements.replies(data, count)
         server: ServerConnection = self.server  # type: ignore[assignment]  # linked
         idle = server.scanner.status == _I
         if not idle and self.statement_mode:
@@ -714,21 +811,108 @@ class ClientSession(asyncio.Protocol):
         if self.pending > 0 or not idle or self.session_mode or not self.scanner.at_boundary:
             return
         self.pending = 0
-        self.server = None
-        self._server_transport = None
-        server.unlink()
-        pool.release(server)
         if self.router is not None and self._txn_writes:
             self.reader.wrote_at = time.monotonic()  # reads now wait for this write's LSN
             if self._txn_ddl:
                 self._txn_ddl = False
                 self.router.catalog_changed()  # committed: read pg_proc again
+        if self.touched:
+            self._check_state(server)
+        elif not self.pins:
+            self._unlink()
+            pool.release(server)
+
+    # ---- session state ------------------------------------------------------------------------
+
+    @property
+    def touched(self) -> bool:
+        """Something sent since the last check may have changed session state."""
+        return self._touched or (self.statements is not None and self.statements.touched)
+
+    def _track_statements(self, answered: int) -> ClientStatements:
+        """The client prepared a named statement: rewrite its stream from that Parse on."""
+        scanner = self.scanner
+        in_flight = self.pending - answered + scanner.named_syncs
+        limit = self.proxy.config.max_prepared_statements
+        statements = ClientStatements(self.proxy.statements, limit, in_flight, self._custom)
+        statements.skip = scanner.named_at if scanner.named_at >= 0 else scanner.named_end
+        if self._server_transport is None:
+            statements.skip += len(self.buffer)
+        statements.touched = self._touched
+        self._touched = False
+        self.statements = statements
+        return statements
+
+    def _dropped(self, count: int) -> None:
+        """`count` bytes left the head of the buffer without reaching a server."""
+        if self.statements is not None:
+            self.statements.skip = max(0, self.statements.skip - count)
+
+    def _check_state(self, server: ServerConnection) -> None:
+        """After a transaction that may have changed session state: read the server's
+        settings and what would pin the client before anyone else gets the server. The
+        client's next transaction waits in the buffer until then: it may need those settings,
+        or that server."""
+        self._touched = False
+        if self.statements is not None:
+            self.statements.touched = False
+        pool = self.pool
+        assert pool is not None
+        self._unlink()
+        self.checking = True
+        server.run_hidden(
+            state_sql(self.user, self._custom),
+            lambda errors, rows: self._state_read(server, pool, errors, rows),
+        )
+
+    def _state_read(
+        self,
+        server: ServerConnection,
+        pool: Pool,
+        errors: list[dict[str, str]],
+        rows: list[list[str | None]],
+    ) -> None:
+        self.checking = False
+        if self.state is State.CLOSED:
+            pool.discard(server)
+            return
+        if errors or not rows:
+            message = errors[0].get("M", "") if errors else "no row"
+            log.warning("session state check failed", server=repr(server), error=message)
+            pool.discard(server)
+            if self.buffer:
+                self._begin()
+            return
+        row = rows[0]
+        session: dict[str, str] = {k.lower(): v for k, v in json.loads(row[0] or "{}").items()}
+        for name, value in json.loads(row[1] or "{}").items():
+            if value is not None:
+                session[name] = value
+        server.settings = dict(session)
+        wanted = session
+        for name, value in self.startup_settings.items():
+            wanted.setdefault(name, value)  # RESET returns to what the client connected with
+        self.settings = wanted
+        reconcile(server.prepared, json.loads(row[8] or "[]"))
+        held = zip(PIN_REASONS, row[2:8], strict=True)
+        pins = frozenset(reason for reason, value in held if value not in ("0", "f"))
+        if pins != self.pins:
+            self.proxy.repin(self.pins, pins)
+            self.pins = pins
+        if pins:
+            self.server_assigned(server)  # back to it, with the settings RESET brought back
+            return
+        pool.release(server)
+        if self.buffer:
+            self._begin()
 
     def server_data(self, data: bytes) -> None:
         """Forward a chunk from the server that ends no query (rows of a large result)."""
         if self._guard is not None:
             self._guarded_reply(data, 0)
             return
+        if self.statements is not None:
+            data = self.statements.replies(data, 0)
         self.transport.write(data)
         self.pool.bytes_sent += len(data)  # type: ignore[union-attr]  # set at login
 

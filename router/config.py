@@ -274,6 +274,7 @@ class Config:
     pool_size: int = 20
     min_pool_size: int = 0
     max_client_conn: int = 10000
+    max_prepared_statements: int = 200
     server_idle_timeout: float = 3600.0
     server_lifetime: float = 3600.0
     server_connect_timeout: float = 5.0
@@ -305,6 +306,7 @@ _TOP_KEYS = (
     "pool_size",
     "min_pool_size",
     "max_client_conn",
+    "max_prepared_statements",
     "server_idle_timeout",
     "server_lifetime",
     "server_connect_timeout",
@@ -898,6 +900,12 @@ def parse_config(
         min_pool_size=min_pool_size,
         max_client_conn=ck.integer(
             "max_client_conn", get("max_client_conn"), defaults.max_client_conn, 1
+        ),
+        max_prepared_statements=ck.integer(
+            "max_prepared_statements",
+            get("max_prepared_statements"),
+            defaults.max_prepared_statements,
+            0,
         ),
         server_idle_timeout=duration("server_idle_timeout", positive=True),
         server_lifetime=duration("server_lifetime", positive=True),

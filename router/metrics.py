@@ -221,6 +221,24 @@ class ProxyCollector:
         yield CounterMetricFamily(
             "pgrouter_cancel_requests", "Cancel requests received", value=proxy.cancel_requests
         )
+        pinned = GaugeMetricFamily(
+            "pgrouter_pinned_clients",
+            "Clients kept on their server by session state",
+            labels=["reason"],
+        )
+        pins = CounterMetricFamily(
+            "pgrouter_pins", "Times a client was pinned to its server", labels=["reason"]
+        )
+        for reason, count in proxy.pinned.items():
+            pinned.add_metric([reason], count)
+            pins.add_metric([reason], proxy.pins_total[reason])
+        yield pinned
+        yield pins
+        yield GaugeMetricFamily(
+            "pgrouter_prepared_statements",
+            "Distinct prepared statement texts known to the proxy",
+            value=len(proxy.statements),
+        )
         yield GaugeMetricFamily(
             "pgrouter_start_time_seconds",
             "When the proxy started (Unix time)",

@@ -15,9 +15,10 @@ from pools.monitor import BackendMonitor
 from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import send_cancel
 from protocol.auth import ScramAuthInfo, parse_scram_verifier, scram_auth_info
-from router.client import ClientSession, new_cancel_key
+from router.client import PIN_REASONS, ClientSession, new_cancel_key
 from router.config import Config, ConfigError, Database, Endpoint, load_config
 from router.routing import Router
+from router.statements import StatementRegistry
 
 log = structlog.get_logger("pgrouter.proxy")
 JANITOR_INTERVAL = 0.5
@@ -35,15 +36,16 @@ class Proxy:
         self.started = time.time()
         self.auth_failures = 0
         self.cancel_requests = 0
+        self.statements = StatementRegistry()
+        self.pinned: dict[str, int] = dict.fromkeys(PIN_REASONS, 0)  # clients pinned now
+        self.pins_total: dict[str, int] = dict.fromkeys(PIN_REASONS, 0)
         self._cancel_keys: dict[int, ClientSession] = {}
         self._secrets: dict[tuple[str, str], tuple[str | None, ScramAuthInfo | None]] = {}
         self._janitor: asyncio.Task[None] | None = None
         self._dummy_scram: ScramAuthInfo | None = None
-        self._logins: deque[ClientSession] = deque()
+        self._logins: deque[ClientSession] = deque()  # in connection order, for the login timeout
         self.paused: set[str] = set()  # database names held by PAUSE; "*" for all
-        self.on_shutdown_request: Callable[[], None] | None = (
-            None  # set by the CLI  # in connection order, for the login timeout
-        )
+        self.on_shutdown_request: Callable[[], None] | None = None  # set by the CLI
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -224,6 +226,17 @@ class Proxy:
         self.clients.discard(client)
         if self._cancel_keys.get(client.key[0]) is client:
             del self._cancel_keys[client.key[0]]
+
+    def repin(self, old: frozenset[str], new: frozenset[str]) -> None:
+        """A client's pin reasons changed from `old` to `new`."""
+        for reason in new - old:
+            self.pinned[reason] += 1
+            self.pins_total[reason] += 1
+        self.unpin(old - new)
+
+    def unpin(self, reasons: frozenset[str]) -> None:
+        for reason in reasons:
+            self.pinned[reason] -= 1
 
     def register_cancel_key(self, client: ClientSession) -> tuple[int, int]:
         while True:
