@@ -75,6 +75,7 @@ class Workload:
 WORKLOADS = (
     Workload("select-c10", ("-S", "-c", "10", "-j", "2")),
     Workload("select-c100", ("-S", "-c", "100", "-j", "2")),
+    Workload("select-prepared-c100", ("-S", "-M", "prepared", "-c", "100", "-j", "2")),
     Workload("select-connect", ("-S", "-C", "-c", "10", "-j", "2")),
     Workload("tpcb-c10", ("-c", "10", "-j", "2"), writes=True),
 )
@@ -564,8 +565,25 @@ def check(
     return Check(name, "PASS" if passes(value) else "MISS", f"pgrouter/pgbouncer = {value:.2f}x")
 
 
+def own_ratio_check(report: Report, name: str, workload: str, base: str, limit: float) -> Check:
+    """pgrouter's CPU per transaction on `workload` against its own on `base`."""
+    ours, own_base = result_for(report, workload, "pgrouter"), result_for(report, base, "pgrouter")
+    if ours is None or own_base is None or not ours.cpu_us_per_txn or not own_base.cpu_us_per_txn:
+        return Check(name, "N/A", f"needs {workload} and {base} measured on pgrouter")
+    value = ours.cpu_us_per_txn / own_base.cpu_us_per_txn
+    status = "PASS" if value <= limit else "MISS"
+    return Check(name, status, f"{workload}/{base} = {value:.2f}x")
+
+
 def compute_checks(report: Report) -> None:
     report.checks = [
+        own_ratio_check(
+            report,
+            "select-prepared-c100: pgrouter CPU µs/txn <= 1.3x its own with -M simple",
+            "select-prepared-c100",
+            "select-c100",
+            1.3,
+        ),
         check(
             report,
             "select-c100: pgrouter CPU µs/txn <= 1.3x PgBouncer's",

@@ -34,10 +34,10 @@ from router.classify import Target
 from router.config import ADMIN_DATABASES
 from router.routing import Reader, Router
 from router.statements import (
-    STATE_IN_QUERY,
     ClientStatements,
     Statement,
     custom_settings,
+    query_touches_state,
     reconcile,
 )
 
@@ -311,7 +311,7 @@ class ClientSession(asyncio.Protocol):
             if statements is None:
                 if self.scanner.named_end:
                     statements = self._track_statements(answered)
-                elif data[0] == 81 and STATE_IN_QUERY.search(data) is not None:
+                elif data[0] == 81 and query_touches_state(data):
                     self._touched = True
                     self._custom.update(custom_settings(data))
             transport = self._server_transport

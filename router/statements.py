@@ -46,14 +46,29 @@ PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 
 # Statements that may change session state: SET/RESET/DISCARD/LISTEN/... at the start of a
 # statement, or temporary objects, set_config and advisory locks anywhere. A false positive
-# costs one state check at the end of the transaction; a miss leaves that state untracked.
+# costs one state check at the end of the transaction; a miss leaves that state untracked
+# (state changed inside a DO block or a procedure is not seen).
 _STATE_WORDS = (
     rb"(?:\s|--[^\n]*\n|/\*.*?\*/)*"
-    rb"(?:set|reset|discard|listen|unlisten|prepare|deallocate|declare|close|drop|do|call)\b"
+    rb"(?:set|reset|discard|listen|unlisten|prepare|deallocate|declare|close|drop)\b"
     rb"|\btemp(?:orary)?\b|\bset_config\s*\(|advisory_(?:un)?lock"
 )
 STATE_IN_TEXT = re.compile(rb"(?:\A|;)" + _STATE_WORDS, re.I | re.S)
-STATE_IN_QUERY = re.compile(rb"(?:\AQ.{4}|;)" + _STATE_WORDS, re.I | re.S)
+_STATE_IN_QUERY = re.compile(rb"(?:\AQ.{4}|;)" + _STATE_WORDS, re.I | re.S)
+# A much cheaper test every such statement passes (on lower-cased bytes; case-insensitive
+# alternations are slow in `re`): most queries never reach the exact one above.
+_MAYBE_STATE = re.compile(
+    rb"set|listen|temp|prepare|deallocate|declare|discard|advisory|close|drop"
+)
+
+
+def query_touches_state(chunk: bytes) -> bool:
+    """Whether a chunk starting with a Query message may change session state."""
+    return (
+        _MAYBE_STATE.search(chunk.lower()) is not None and _STATE_IN_QUERY.search(chunk) is not None
+    )
+
+
 # Custom (dotted) setting names, which pg_settings does not list: read back by name.
 _CUSTOM_SETTING = re.compile(
     rb"(?:\b(?:set|reset)\s+(?:session\s+)?|\bset_config\s*\(\s*')([a-z_][\w$]*\.[\w$.]+)", re.I
@@ -239,10 +254,35 @@ class ClientStatements:
             self._partial = b""
             pos, n = 0, len(data)
         start = pos
+        names = self.names
+        prepared = server.prepared
         while pos + 5 <= n:
             kind = data[pos]
             end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if kind in _REWRITTEN:
+            if kind == _B and end <= n:  # the usual message: inline
+                name_at = data.index(0, pos + 5) + 1
+                name_end = data.index(0, name_at)
+                statement = names.get(data[name_at:name_end]) if name_end > name_at else None
+                if statement is not None:
+                    if statement.name in prepared:
+                        prepared.move_to_end(statement.name)
+                        prefix = b""
+                    else:
+                        prefix = self._ensure(statement, server)
+                    if statement.touches:
+                        self._touch(statement.body)
+                    new_name = statement.name
+                    size = end - pos - 1 + len(new_name) - (name_end - name_at)
+                    out.append(data[start:pos])
+                    out.append(prefix + b"B" + size.to_bytes(4, "big"))
+                    out.append(data[pos + 5 : name_at])
+                    out.append(new_name)
+                    out.append(data[name_end:end])
+                    start = end
+                self._steps.append(_B)
+            elif kind == _D and end <= n and data[pos + 5] == 80:  # Describe portal
+                self._steps.append(_D)
+            elif kind in _REWRITTEN:
                 if end > n:
                     break  # wait for the whole message
                 replaced = self._rewrite(kind, data[pos + 5 : end], server)
@@ -252,13 +292,22 @@ class ClientStatements:
                     start = end
             elif kind in _STEPPED:
                 self._steps.append(kind)
-            if kind in _BOUNDARY:
+                if kind != _E:  # Sync, FunctionCall: the batch ends
+                    if self._batch is None:
+                        self._steps.clear()
+                    else:
+                        self._batch = None
+                        self._steps = []
+                    self.sent += 1
+            if kind == _Q:
                 self._boundary(server)
             if end > n:  # a long message streams through
                 self._need = end - n
                 pos = n
                 break
             pos = end
+        if start == 0 and pos == n:
+            return data if not out else b"".join(out) + data
         out.append(data[start:pos])
         if pos < n:
             self._partial = data[pos:]
@@ -396,7 +445,7 @@ class ClientStatements:
         """Note statements that may change session state. DEALLOCATE and DISCARD ALL also
         apply to protocol-level statements: a DEALLOCATE of one is rewritten to our name
         (returned with what must precede it), the others are forgotten."""
-        if STATE_IN_TEXT.search(text) is None:
+        if _MAYBE_STATE.search(text.lower()) is None or STATE_IN_TEXT.search(text) is None:
             return None
         self._touch(text)
         if _DISCARD_ALL.match(text):
