@@ -622,6 +622,7 @@ class ClientSession(asyncio.Protocol):
             or self.waiting
             or self.checking
             or self.buffer
+            or self.statements is not None
             or data[0] in _COPY_MESSAGES
         ):
             self.buffer += data
@@ -653,6 +654,14 @@ class ClientSession(asyncio.Protocol):
                 self._dropped(end)
             if not buf:
                 return
+            if self.statements is not None and buf[0] == 80 and _ends_at_sync(buf):
+                reply = self.statements.parse_here(buf)
+                if reply is not None:
+                    self._dropped(len(buf))
+                    buf.clear()
+                    self.pending -= 1
+                    self.transport.write(reply)
+                    return
             if self.router is None:
                 target: Pool | bool = self.primary_pool  # type: ignore[assignment]
             else:

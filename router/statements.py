@@ -43,6 +43,7 @@ _ENDS = {
 }
 _ABSENT = b"pgrouter\x01absent"  # a name no statement or portal has
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+READY_IDLE = b"Z\x00\x00\x00\x05I"
 
 # Statements that may change session state: SET/RESET/DISCARD/LISTEN/... at the start of a
 # statement, or temporary objects, set_config and advisory locks anywhere. A false positive
@@ -95,10 +96,11 @@ _FAILING_DESCRIBE = _message(_D, b"S" + _ABSENT + b"\x00")  # a statement nobody
 class Statement:
     """One distinct Parse body, shared by every client that prepares it."""
 
-    __slots__ = ("body", "name", "parse", "sql", "touches")
+    __slots__ = ("body", "name", "parse", "sql", "touches", "valid")
 
     def __init__(self, name: bytes, body: bytes) -> None:
         self.name = name
+        self.valid = False  # a server accepted it once
         self.body = body  # the text, its NUL and the parameter types
         self.parse = _message(_P, name + b"\x00" + body)
         text = body[: body.index(0)]
@@ -125,6 +127,9 @@ class StatementRegistry:
             statement = Statement(b"pgrouter_%x" % self._next, body)
             self._by_body[body] = statement
         return statement
+
+    def known(self, body: bytes) -> Statement | None:
+        return self._by_body.get(body)
 
     def __len__(self) -> int:
         return len(self._by_body)
@@ -222,6 +227,27 @@ class ClientStatements:
         self._emit = True  # forward (True) or drop the rest of the current reply message
         self._hdr = b""  # an incomplete reply header, held back unless _carry
         self._carry = False  # that header was forwarded before we followed replies
+
+    def parse_here(self, buf: bytearray) -> bytes | None:
+        """The answer to a lone Parse + Sync outside a transaction (libpq's PQprepare) of a
+        text some server already accepted: the name is recorded and the statement prepared
+        where it is first used, so a client does not wait for a server just to prepare
+        (pgbench blocks on it while its other clients hold servers). None: not that case."""
+        end = 1 + int.from_bytes(buf[1:5], "big")
+        if end + 5 != len(buf):
+            return None
+        name_end = buf.index(0, 5)
+        if name_end == 5:
+            return None  # the unnamed statement lives on a server
+        name = bytes(buf[5:name_end])
+        statement = self.registry.known(bytes(buf[name_end + 1 : end]))
+        if statement is None or not statement.valid:
+            return None
+        if name in self.names:
+            message = f'prepared statement "{name.decode("utf-8", "replace")}" already exists'
+            return e.error_response("42P05", message) + READY_IDLE
+        self.names[name] = statement
+        return PARSE_COMPLETE + READY_IDLE
 
     def reset(self) -> None:
         """Nothing is in flight any more (the client's pending work was dropped)."""
@@ -553,7 +579,11 @@ class ClientStatements:
         if kind not in _ENDS[kind_sent]:
             return None  # rows, ParameterDescription, COPY...
         batch.pos += 1
-        if isinstance(step, int) or step.action == _FORWARD:
+        if isinstance(step, int):
+            return None
+        if step.statement is not None:
+            step.statement.valid = True
+        if step.action == _FORWARD:
             return None
         return b"" if step.action == _SWALLOW else step.reply
 
