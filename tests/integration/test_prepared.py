@@ -761,7 +761,7 @@ def test_pgbench_100_clients_pool_size_10(
     proxy = routed(proxy_factory, pool_size=10)
     check = tmp_path / "check.sql"
     check.write_text(_CHECK_SCRIPT)
-    _pgbench(proxy, "-M", mode, "-b", "select-only", "-f", str(check))
+    _pgbench(proxy, "-M", mode, "-S", "-f", str(check))
 
     def books() -> list[int]:
         row = primary_sql(
