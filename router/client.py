@@ -311,7 +311,7 @@ class ClientSession(asyncio.Protocol):
             if statements is None:
                 if self.scanner.named_end:
                     statements = self._track_statements(answered)
-                elif data[0] == 81 and query_touches_state(data):
+                elif (data[0] == 81 or data[0] == 80) and query_touches_state(data):
                     self._touched = True
                     self._custom.update(custom_settings(data))
             transport = self._server_transport

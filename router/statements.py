@@ -7,10 +7,10 @@ connection remembers which of them it holds (LRU, `max_prepared_statements`). Th
 messages are rewritten on their way out: its names become ours, and a Bind or Describe of a
 statement the server lacks is preceded by our own Parse.
 
-Some rewrites change what the server answers, so those replies are changed back: a ParseComplete
-we caused is swallowed, a Parse the server did not need is answered by a harmless Close whose
-CloseComplete becomes a ParseComplete, and a duplicate name is turned into a failing Describe
-whose error becomes PostgreSQL's 42P05. Replies are aligned with the messages that caused them
+Some rewrites change what the server answers, so those replies are changed back: the
+ParseComplete of our own Parse and the CloseComplete of our own Close (an evicted statement,
+or an older copy re-parsed for a client's Parse) are swallowed, and a duplicate name is turned
+into a failing Describe whose error becomes PostgreSQL's 42P05. Replies are aligned with the messages that caused them
 by counting, per batch (the messages up to a Sync, Query or FunctionCall), the message that ends
 each reply. Only batches with such a rewrite, or spanning several client chunks (a Flush
 before the Sync), are followed message by message; every other reply is forwarded untouched.
@@ -55,7 +55,8 @@ _STATE_WORDS = (
     rb"|\btemp(?:orary)?\b|\bset_config\s*\(|advisory_(?:un)?lock"
 )
 STATE_IN_TEXT = re.compile(rb"(?:\A|;)" + _STATE_WORDS, re.I | re.S)
-_STATE_IN_QUERY = re.compile(rb"(?:\AQ.{4}|;)" + _STATE_WORDS, re.I | re.S)
+# In a chunk that starts with a Query, or with a Parse (after its statement name).
+_STATE_IN_QUERY = re.compile(rb"(?:\A(?:Q.{4}|P.{4}[^\x00]*\x00)|;)" + _STATE_WORDS, re.I | re.S)
 # A much cheaper test every such statement passes (on lower-cased bytes; case-insensitive
 # alternations are slow in `re`): most queries never reach the exact one above.
 _MAYBE_STATE = re.compile(
@@ -64,7 +65,7 @@ _MAYBE_STATE = re.compile(
 
 
 def query_touches_state(chunk: bytes) -> bool:
-    """Whether a chunk starting with a Query message may change session state."""
+    """Whether a chunk starting with a Query or Parse message may change session state."""
     return (
         _MAYBE_STATE.search(chunk.lower()) is not None and _STATE_IN_QUERY.search(chunk) is not None
     )
@@ -89,7 +90,6 @@ def _message(kind: int, body: bytes) -> bytes:
     return bytes((kind,)) + (len(body) + 4).to_bytes(4, "big") + body
 
 
-_NOOP_CLOSE = _message(_C, b"P" + _ABSENT + b"\x00")  # a portal nobody has: CloseComplete
 _FAILING_DESCRIBE = _message(_D, b"S" + _ABSENT + b"\x00")  # a statement nobody has: 26000
 
 
@@ -143,7 +143,7 @@ class _Step:
     """A message sent in a followed batch, what to do with its reply, and what to undo if
     the server did not run it."""
 
-    __slots__ = ("action", "client", "evicted", "kind", "name", "reply", "statement")
+    __slots__ = ("action", "client", "evicted", "kind", "name", "replaces", "reply", "statement")
 
     def __init__(
         self,
@@ -154,6 +154,7 @@ class _Step:
         client: Statement | None = None,
         name: bytes = b"",
         evicted: bytes = b"",
+        replaces: bool = False,
     ) -> None:
         self.kind = kind
         self.action = action
@@ -162,6 +163,7 @@ class _Step:
         self.client = client  # the client's name `name` now refers to it
         self.name = name
         self.evicted = evicted  # the server name this Close removes
+        self.replaces = replaces  # a fresh Parse after closing the server's older copy
 
 
 class _Batch:
@@ -432,10 +434,13 @@ class ClientStatements:
         self.names[name] = statement
         prepared = server.prepared
         if statement.name in prepared:
+            # The client's Parse analyses the text afresh, as PostgreSQL would: the server's
+            # copy may predate a schema change ("cached plan must not change result type").
             prepared.move_to_end(statement.name)
-            step = _Step(_C, _REPLACE, reply=PARSE_COMPLETE, client=statement, name=name)
+            self._act(_Step(_C, _SWALLOW), server)
+            step = _Step(_P, statement=statement, client=statement, name=name, replaces=True)
             self._act(step, server)
-            return prefix + _NOOP_CLOSE
+            return prefix + _message(_C, b"S" + statement.name + b"\x00") + statement.parse
         prefix += self._evict(prepared, server)
         prepared[statement.name] = None
         self._act(_Step(_P, statement=statement, client=statement, name=name), server)
@@ -562,8 +567,8 @@ class ClientStatements:
             self.answered += 1
             self.batches.popleft()
             if batch.failed:  # the failed step and everything after it never ran
-                for step in batch.steps[batch.pos :]:
-                    self._undo(step, batch.server)
+                for i, step in enumerate(batch.steps[batch.pos :]):
+                    self._undo(step, batch.server, skipped=i > 0)
             return None
         if batch.failed or batch.pos >= len(batch.steps):
             return None
@@ -587,11 +592,11 @@ class ClientStatements:
             return None
         return b"" if step.action == _SWALLOW else step.reply
 
-    def _undo(self, step: _Step | int, server: ServerConnection) -> None:
+    def _undo(self, step: _Step | int, server: ServerConnection, skipped: bool) -> None:
         if isinstance(step, int):
             return
-        if step.statement is not None:
-            server.prepared.pop(step.statement.name, None)
+        if step.statement is not None and not (skipped and step.replaces):
+            server.prepared.pop(step.statement.name, None)  # (a skipped one kept the old copy)
         if step.client is not None and self.names.get(step.name) is step.client:
             del self.names[step.name]
         if step.evicted:
