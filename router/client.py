@@ -403,6 +403,10 @@ class ClientSession(asyncio.Protocol):
         if self.proxy.client_count > config.max_client_conn:
             self.fatal(e.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
             return
+        method, refusal = self.proxy.auth_method(self, user, dbname)
+        if refusal is not None:  # before anything about the database is revealed
+            self.fatal(e.INVALID_AUTHORIZATION, refusal)
+            return
         database = config.databases.get(dbname)
         self.admin = dbname in ADMIN_DATABASES
         if database is None and not self.admin:
@@ -414,7 +418,6 @@ class ClientSession(asyncio.Protocol):
         except ValueError as exc:
             self.fatal(e.PROTOCOL_VIOLATION, str(exc))
             return
-        method = config.auth_type
         password, scram_info = self.proxy.user_secrets(user, method)
         self._auth = ClientAuth(method, user, password, scram_info)
         self._reader = MessageReader(m.MAX_STARTUP_PACKET)
@@ -456,6 +459,10 @@ class ClientSession(asyncio.Protocol):
             self._admin_login()
             return
         assert self.database is not None
+        refusal = self.proxy.admit(self)
+        if refusal is not None:
+            self.fatal(e.TOO_MANY_CONNECTIONS, refusal)
+            return
         self.state = State.WELCOME
         self.session_mode = self.database.pool_mode == "session"
         self.statement_mode = self.database.pool_mode == "statement"

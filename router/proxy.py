@@ -15,6 +15,7 @@ from pools.monitor import BackendMonitor
 from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import send_cancel
 from protocol.auth import ScramAuthInfo, parse_scram_verifier, scram_auth_info
+from router.access import ClientLimits, choose_rule, peer_address, rule_refusal
 from router.client import ClientSession, new_cancel_key
 from router.config import Config, ConfigError, Database, Endpoint, load_config
 from router.routing import Router
@@ -40,6 +41,8 @@ class Proxy:
         self._janitor: asyncio.Task[None] | None = None
         self._dummy_scram: ScramAuthInfo | None = None
         self._logins: deque[ClientSession] = deque()
+        self.limits = ClientLimits()  # logged-in clients per user and per database
+        self.login_refusals = 0  # by auth_rules and the per-user/per-database limits
         self.paused: set[str] = set()  # database names held by PAUSE; "*" for all
         self.on_shutdown_request: Callable[[], None] | None = (
             None  # set by the CLI  # in connection order, for the login timeout
@@ -222,6 +225,7 @@ class Proxy:
 
     def client_gone(self, client: ClientSession) -> None:
         self.clients.discard(client)
+        self.limits.release(client)
         if self._cancel_keys.get(client.key[0]) is client:
             del self._cancel_keys[client.key[0]]
 
@@ -247,6 +251,59 @@ class Proxy:
         asyncio.get_running_loop().create_task(
             _quiet(send_cancel(server.host, server.port, server.backend_key))
         )
+
+    def auth_method(
+        self, client: ClientSession, user: str, database: str
+    ) -> tuple[str, str | None]:
+        """How `client` must authenticate as `user` for `database`: (method, None), or
+        (reject, the 28000 message) when auth_rules refuse it. Without auth_rules every
+        client gets auth_type. An md5 rule checks a user known only by a SCRAM verifier with
+        SCRAM, as PostgreSQL does."""
+        config = self.config
+        rules = config.auth_rules
+        if rules is None:
+            return config.auth_type, None
+        address = peer_address(client.transport.get_extra_info("peername"))
+        rule = choose_rule(rules, database, user, address)
+        refusal = rule_refusal(rule, database, user, address)
+        if rule is None or refusal is not None:
+            self.login_refusals += 1
+            log.info(
+                "login refused by auth_rules",
+                client=client.peer,
+                user=user,
+                database=database,
+                rule=None if rule is None else rule.index,
+            )
+            return "reject", refusal
+        method = rule.method
+        if method == "md5":
+            entry = config.users.get(user)
+            if entry is not None and entry.password is None and entry.scram_verifier:
+                method = "scram-sha-256"
+        return method, None
+
+    def admit(self, client: ClientSession) -> str | None:
+        """Count a client that just logged in against the limits of its user and database;
+        the 53300 message when it is over one. Admin console clients are not counted."""
+        database = client.database
+        assert database is not None
+        config = self.config
+        current = config.databases.get(database.name, database)  # a reload may have changed it
+        entry = config.users.get(client.user)
+        if entry is not None and entry.max_client_connections is not None:
+            user_limit = (entry.max_client_connections, "max_client_connections")
+        else:
+            user_limit = (config.max_user_client_connections, "max_user_client_connections")
+        refusal = self.limits.admit(
+            client, client.user, database.name, user_limit, current.max_db_client_connections
+        )
+        if refusal is not None:
+            self.login_refusals += 1
+            log.info(
+                "client limit reached", client=client.peer, user=client.user, database=database.name
+            )
+        return refusal
 
     def user_secrets(self, user: str, method: str) -> tuple[str | None, ScramAuthInfo | None]:
         """The password and SCRAM keys to check `user` with (PBKDF2 runs once per user).
