@@ -333,6 +333,14 @@ class Config:
     )
     source: str | None = None
 
+    def user_client_limit(self, user: str) -> tuple[int, str]:
+        """(the most clients `user` may have logged in, 0: unlimited; the setting it comes
+        from): its own users.NAME.max_client_connections, else the top level's."""
+        entry = self.users.get(user)
+        if entry is not None and entry.max_client_connections is not None:
+            return entry.max_client_connections, "max_client_connections"
+        return self.max_user_client_connections, "max_user_client_connections"
+
 
 # --------------------------------------------------------------------------------------------
 # Validation helpers

@@ -219,6 +219,11 @@ class ProxyCollector:
             "pgrouter_auth_failures", "Failed client authentications", value=proxy.auth_failures
         )
         yield CounterMetricFamily(
+            "pgrouter_login_refusals",
+            "Logins refused by auth_rules or a per-user/per-database client limit",
+            value=proxy.login_refusals,
+        )
+        yield CounterMetricFamily(
             "pgrouter_cancel_requests", "Cancel requests received", value=proxy.cancel_requests
         )
         yield GaugeMetricFamily(

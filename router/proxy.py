@@ -290,13 +290,12 @@ class Proxy:
         assert database is not None
         config = self.config
         current = config.databases.get(database.name, database)  # a reload may have changed it
-        entry = config.users.get(client.user)
-        if entry is not None and entry.max_client_connections is not None:
-            user_limit = (entry.max_client_connections, "max_client_connections")
-        else:
-            user_limit = (config.max_user_client_connections, "max_user_client_connections")
         refusal = self.limits.admit(
-            client, client.user, database.name, user_limit, current.max_db_client_connections
+            client,
+            client.user,
+            database.name,
+            config.user_client_limit(client.user),
+            current.max_db_client_connections,
         )
         if refusal is not None:
             self.login_refusals += 1
