@@ -31,6 +31,7 @@ __all__ = [
     "ADMIN_DATABASES",
     "AUTH_RULE_METHODS",
     "AUTH_TYPES",
+    "DEFAULT_AUTH_QUERY",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "POOL_MODES",
@@ -69,6 +70,14 @@ DEFAULT_LISTEN_PORT = 6432
 DEFAULT_SERVER_PORT = 5432
 DEFAULT_MAX_REPLICA_LAG_BYTES = 1024 * 1024
 SCRAM_PREFIX = "SCRAM-SHA-256$"
+
+#: PostgreSQL's verifier of a login role, NULL once its password expired. pg_shadow lists only
+#: roles that may log in; schema-qualified so a search_path cannot substitute another table.
+DEFAULT_AUTH_QUERY = (
+    "SELECT usename, CASE WHEN valuntil < pg_catalog.now() THEN NULL ELSE passwd END "
+    "FROM pg_catalog.pg_shadow WHERE usename = $1"
+)
+_AUTH_QUERY_PARAM = re.compile(r"\$1(?!\d)")
 
 DURATION_HINT = "must be a duration like 250ms, 5s, 1h"
 SIZE_HINT = "must be a size like 16MB"
@@ -325,6 +334,11 @@ class Config:
     auth_rules: tuple[AuthRule, ...] | None = None
     max_user_client_connections: int = 0  # 0: unlimited
     max_db_client_connections: int = 0
+    #: auth_query: users not in `users` are looked up on the servers as this user (None: off).
+    auth_user: str | None = None
+    auth_query: str = DEFAULT_AUTH_QUERY
+    auth_dbname: str | None = None  # where auth_query runs (None: the client's database)
+    auth_query_ttl: float = 60.0  # how long a looked-up secret (or its absence) is reused
     users: Mapping[str, User] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     admin: Admin = field(default_factory=Admin)
     log: LogConfig = field(default_factory=LogConfig)
@@ -367,6 +381,10 @@ _TOP_KEYS = (
     "auth_rules",
     "max_user_client_connections",
     "max_db_client_connections",
+    "auth_user",
+    "auth_query",
+    "auth_dbname",
+    "auth_query_ttl",
     "users",
     "admin",
     "log",
@@ -1055,6 +1073,48 @@ def _log(ck: _Checker, value: object) -> LogConfig:
     )
 
 
+def _auth_lookup(
+    ck: _Checker,
+    get: Callable[[str], Any],
+    users: Mapping[str, User],
+    databases: Mapping[str, Database],
+    databases_ok: bool,
+) -> tuple[str | None, str, str | None]:
+    """(auth_user, auth_query, auth_dbname), checked against the users and databases."""
+    user = get("auth_user")
+    user = None if user is _MISSING else user
+    query = ck.string("auth_query", get("auth_query"), DEFAULT_AUTH_QUERY, non_empty=True)
+    dbname = get("auth_dbname")
+    dbname = None if dbname is _MISSING else dbname
+    if user is not None and (not isinstance(user, str) or not user.strip()):
+        ck.error("auth_user", f"must be a user name, got {_show(user)}")
+        user = None
+    elif user is not None:
+        entry = users.get(user)
+        if entry is None:
+            ck.error("auth_user", f"{user!r} must be one of the users (with a cleartext password)")
+        elif entry.password is None:
+            ck.error(
+                "auth_user",
+                f"users.{user} needs a cleartext password: auth_query logs in to the servers "
+                "with it",
+            )
+    elif query != DEFAULT_AUTH_QUERY or dbname is not None:
+        key = "auth_query" if query != DEFAULT_AUTH_QUERY else "auth_dbname"
+        ck.error(key, "needs auth_user (the user that runs the query)")
+    if not _AUTH_QUERY_PARAM.search(query):
+        ck.error("auth_query", "must contain $1 where the user name goes")
+    if dbname is not None:
+        if not isinstance(dbname, str) or not dbname.strip():
+            ck.error("auth_dbname", f"must be a database name, got {_show(dbname)}")
+            dbname = None
+        elif databases_ok and dbname not in databases:
+            close = difflib.get_close_matches(dbname, list(databases), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            ck.error("auth_dbname", f"no database {dbname!r} in databases{hint}")
+    return user, query, dbname
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
@@ -1136,11 +1196,22 @@ def parse_config(
     users = _users(ck, get("users"), env, auth_type, auth_rules)
     admin = _admin(ck, top.get("admin"))
     log = _log(ck, top.get("log"))
+    errors_before = len(ck.errors)
     databases = _databases(ck, get("databases"), base)
+    auth_user, auth_query, auth_dbname = _auth_lookup(
+        ck, get, users, databases, len(ck.errors) == errors_before
+    )
+    auth_query_ttl = ck.duration(
+        "auth_query_ttl", get("auth_query_ttl"), defaults.auth_query_ttl, positive=False
+    )
     if ck.errors:
         raise ConfigError(ck.errors)
     return dataclasses.replace(
         base,
+        auth_user=auth_user,
+        auth_query=auth_query,
+        auth_dbname=auth_dbname,
+        auth_query_ttl=auth_query_ttl,
         users=MappingProxyType(users),
         admin=admin,
         log=log,

@@ -1,5 +1,6 @@
-"""router/access.py and the login decisions the proxy makes with it: which auth_rules entry
-applies, the 28000 refusals, and the per-user / per-database client limits.
+"""router/access.py and router/auth_query.py, and the login decisions the proxy makes with
+them: which auth_rules entry applies, the 28000 refusals, the per-user / per-database client
+limits, and the secrets auth_query found.
 
 Real Proxy and ClientSession objects from a parsed topology; the client's transport is a
 stand-in that records what the proxy writes. No sockets, no PostgreSQL.
@@ -7,15 +8,18 @@ stand-in that records what the proxy writes. No sockets, no PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from ipaddress import ip_address
 from typing import Any
 
 import pytest
 
+from protocol.auth import ClientAuth, Md5Hash
 from protocol.errors import parse_error_fields
 from protocol.framing import MessageReader
 from router.access import ClientLimits, choose_rule, peer_address, rule_refusal
+from router.auth_query import AuthQuery, auth_query_sql
 from router.client import ClientSession, State
 from router.config import AuthRule, parse_config
 from router.proxy import Proxy
@@ -317,3 +321,151 @@ def test_admit_applies_the_user_and_database_limits() -> None:
     assert proxy.admit(apps[3]) is None
     assert proxy.admit(logged_in(proxy, "app", "appdb")) is None
     assert proxy.admit(logged_in(proxy, "app", "appdb")) is not None
+
+
+# ---- auth_query (the lookups themselves run against real servers: integration tests) -----------
+
+MD5_SECRET = "md5" + "0123456789abcdef" * 2
+
+
+def test_auth_query_sql_quotes_the_user_name() -> None:
+    query = "SELECT * FROM f($1) WHERE $1 <> '' AND $10 = $1"
+    assert (
+        auth_query_sql(query, "app") == "SELECT * FROM f('app') WHERE 'app' <> '' AND $10 = 'app'"
+    )
+    assert auth_query_sql("SELECT $1", "o'brien") == "SELECT 'o''brien'"
+    assert auth_query_sql("SELECT $1", "' OR 1=1 --") == "SELECT ''' OR 1=1 --'"
+    # Backslashes: an E'' literal, the same string whatever standard_conforming_strings is.
+    assert auth_query_sql("SELECT $1", "a\\'b") == "SELECT E'a\\\\''b'"
+    assert auth_query_sql("SELECT $1", "\\") == "SELECT E'\\\\'"
+
+
+def test_auth_query_cache_expires() -> None:
+    cache = AuthQuery()
+    key = ("10.0.0.1", 5432, "u")
+    assert cache.cached(key) == (False, None)
+    cache._cache[key] = (100.0, None)  # "no such user" is an answer too
+    assert cache.cached(key, now=99.0) == (True, None)
+    assert cache.cached(key, now=100.0) == (False, None)
+    assert cache.cached(key, now=50.0) == (False, None)  # expired entries are dropped
+    cache._cache[key] = (100.0, MD5_SECRET)
+    cache.clear()
+    assert cache.cached(key, now=0.0) == (False, None)
+
+
+AQ_TOPOLOGY = {**TOPOLOGY, "auth_user": "app"}
+
+
+def cached_secret(proxy: Proxy, user: str, secret: str | None) -> None:
+    primary = proxy.config.databases["appdb"].primary
+    proxy.auth_query._cache[(primary.host, primary.port, user)] = (float("inf"), secret)
+
+
+def test_client_auth_uses_looked_up_secrets() -> None:
+    proxy = Proxy(parse_config(AQ_TOPOLOGY, env={}))
+    cached_secret(proxy, "v", VERIFIER)
+    cached_secret(proxy, "h", MD5_SECRET)
+    cached_secret(proxy, "c", "cleartext-pw")
+    cached_secret(proxy, "bad", "SCRAM-SHA-256$junk")
+    cached_secret(proxy, "none", None)
+    clients = {u: logged_in(proxy, u, "appdb") for u in ("v", "h", "c", "bad", "none")}
+
+    def auth(user: str, method: str = "md5") -> Any:
+        result = proxy.client_auth(clients[user], user, method)
+        assert result is not None, "a cached secret needs no lookup"
+        return result
+
+    v = auth("v")  # md5 for a SCRAM verifier: SCRAM, as PostgreSQL does
+    assert (v.method, v.scram_info is not None, v.password) == ("scram-sha-256", True, None)
+    h = auth("h")
+    assert (h.method, h.md5_hash, h.password) == ("md5", MD5_SECRET, None)
+    assert auth("h", "scram-sha-256").md5_hash == MD5_SECRET  # fails later, as a wrong password
+    assert auth("c").password == "cleartext-pw"
+    assert auth("c", "scram-sha-256").scram_info is not None
+    for unknown in ("bad", "none"):  # random secrets, as for users nobody knows
+        a = auth(unknown)
+        assert a.method == "md5" and a.password and a.md5_hash is None
+    assert auth("none", "trust").method == "trust"
+    # Topology users never need a lookup.
+    assert proxy.client_auth(logged_in(proxy, "app", "appdb"), "app", "md5").password == (  # type: ignore[union-attr]
+        "app-secret"
+    )
+
+
+def test_admin_console_logins_look_up_only_with_auth_dbname() -> None:
+    proxy = Proxy(parse_config(AQ_TOPOLOGY, env={}))
+    console = ClientSession(proxy)
+    console.connection_made(FakeTransport(("192.0.2.7", 1)))  # type: ignore[arg-type]
+    a = proxy.client_auth(console, "someone", "md5")  # no database, no auth_dbname: unknown
+    assert a is not None and a.password and a.md5_hash is None
+    proxy = Proxy(parse_config({**AQ_TOPOLOGY, "auth_dbname": "appdb"}, env={}))
+    cached_secret(proxy, "someone", MD5_SECRET)
+    console = ClientSession(proxy)
+    console.connection_made(FakeTransport(("192.0.2.7", 1)))  # type: ignore[arg-type]
+    a = proxy.client_auth(console, "someone", "md5")
+    assert a is not None and a.md5_hash == MD5_SECRET
+
+
+def test_learned_server_secrets_reach_the_pools() -> None:
+    proxy = Proxy(parse_config(AQ_TOPOLOGY, env={}))
+    appdb = proxy.config.databases["appdb"]
+    pool = proxy.pool_for(appdb, "h")
+    assert pool.password is None
+    auth = ClientAuth("md5", "h", None, md5_hash=MD5_SECRET)
+    proxy.learn_server_secret(appdb, "h", auth)
+    assert isinstance(pool.password, Md5Hash) and pool.password == MD5_SECRET
+    assert proxy.pool_for(appdb, "h", appdb.primary) is pool
+    # A topology user with a cleartext password keeps it.
+    proxy.learn_server_secret(appdb, "app", ClientAuth("md5", "app", None, md5_hash=MD5_SECRET))
+    assert proxy.pool_for(appdb, "app").password == "app-secret"
+    # A cleartext secret from auth_query logs in as it is; a topology verifier user's
+    # pools learn nothing without a SCRAM exchange.
+    proxy.learn_server_secret(appdb, "c", ClientAuth("md5", "c", "pw"))
+    assert proxy.pool_for(appdb, "c").password == "pw"
+    proxy.learn_server_secret(appdb, "scram_only", ClientAuth("plain", "scram_only", None))
+    assert proxy.pool_for(appdb, "scram_only").password is None
+    # Reloads keep what was learned.
+    proxy.reload(parse_config(AQ_TOPOLOGY, env={}))
+    assert pool.password == MD5_SECRET
+
+
+def test_a_login_waiting_for_auth_query() -> None:
+    """While the lookup runs the client has not been asked for anything: a password sent
+    anyway is a protocol violation. A lookup that fails refuses the login with 08006."""
+    topology = {**AQ_TOPOLOGY, "databases": {"appdb": {"primary": "127.0.0.1:1"}}}
+    topology["users"] = {"app": {"password": "app-secret"}}
+
+    async def scenario() -> tuple[bytes, bytes]:
+        proxy = Proxy(parse_config(topology, env={}))
+        early = ClientSession(proxy)
+        early_transport = FakeTransport(("192.0.2.7", 1))
+        early.connection_made(early_transport)  # type: ignore[arg-type]
+        early.data_received(startup({"user": "ghost", "database": "appdb"}))
+        assert early.state is State.AUTH and not early_transport.written
+        early.data_received(b"p\x00\x00\x00\x08pw\x00\x00")
+        patient = ClientSession(proxy)
+        patient_transport = FakeTransport(("192.0.2.8", 1))
+        patient.connection_made(patient_transport)  # type: ignore[arg-type]
+        patient.data_received(startup({"user": "ghost", "database": "appdb"}))
+        for _ in range(200):
+            if patient.state is State.CLOSED:
+                break
+            await asyncio.sleep(0.01)
+        assert proxy.auth_query.lookups == 1 and proxy.auth_query.failures == 1
+        return bytes(early_transport.written), bytes(patient_transport.written)
+
+    early, patient = asyncio.run(scenario())
+    assert refusal(next(iter(reader_of(early)))) == (
+        "08P01",
+        "unexpected message before the authentication request",
+    )
+    assert refusal(next(iter(reader_of(patient)))) == (
+        "08006",
+        "could not look up the user (auth_query failed)",
+    )
+
+
+def reader_of(data: bytes) -> MessageReader:
+    reader = MessageReader()
+    reader.feed(data)
+    return reader

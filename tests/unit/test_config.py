@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from router.config import (
+    DEFAULT_AUTH_QUERY,
     Admin,
     AuthRule,
     Config,
@@ -158,12 +159,19 @@ def test_defaults() -> None:
         "auth_rules",
         "max_user_client_connections",
         "max_db_client_connections",
+        "auth_user",
+        "auth_query",
+        "auth_dbname",
+        "auth_query_ttl",
         "admin",
         "log",
     ):
         assert getattr(config, name) == getattr(defaults, name), name
     assert config.auth_rules is None
     assert (config.max_user_client_connections, config.max_db_client_connections) == (0, 0)
+    assert (config.auth_user, config.auth_dbname, config.auth_query_ttl) == (None, None, 60.0)
+    assert config.auth_query == DEFAULT_AUTH_QUERY
+    assert "pg_catalog.pg_shadow" in DEFAULT_AUTH_QUERY
     assert dict(config.users) == {}
     assert config.source is None
     db = config.databases["appdb"]
@@ -691,6 +699,44 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         config_with(users={"u": {"password": "x", "max_user_client_connections": 1}}),
         "users.u.max_user_client_connections: unknown key (did you mean 'max_client_connections'?)",
     ),
+    ("auth_user unknown", config_with(auth_user="nobody"), "auth_user: 'nobody' must be one of"),
+    ("auth_user not a name", config_with(auth_user=["app"]), "auth_user: must be a user name"),
+    (
+        "auth_user with a verifier",
+        config_with(auth_user="u", users={"u": {"password": VERIFIER}}),
+        "auth_user: users.u needs a cleartext password: auth_query logs in to the servers",
+    ),
+    (
+        "auth_query without auth_user",
+        config_with(auth_query="SELECT 1, passwd FROM t WHERE u = $1"),
+        "auth_query: needs auth_user (the user that runs the query)",
+    ),
+    (
+        "auth_dbname without auth_user",
+        config_with(auth_dbname="appdb"),
+        "auth_dbname: needs auth_user",
+    ),
+    (
+        "auth_query without $1",
+        config_with(auth_user="app", auth_query="SELECT usename, passwd FROM pg_shadow"),
+        "auth_query: must contain $1 where the user name goes",
+    ),
+    (
+        "auth_query with $12 only",
+        config_with(auth_user="app", auth_query="SELECT $12"),
+        "auth_query: must contain $1",
+    ),
+    ("auth_query empty", config_with(auth_user="app", auth_query=" "), "auth_query: must be a non"),
+    (
+        "auth_dbname unknown",
+        config_with(auth_user="app", auth_dbname="apdb"),
+        "auth_dbname: no database 'apdb' in databases (did you mean 'appdb'?)",
+    ),
+    (
+        "auth_query_ttl",
+        config_with(auth_query_ttl="often"),
+        "auth_query_ttl: must be a duration like 250ms, 5s, 1h (got 'often')",
+    ),
     (
         "auth_rules not a list",
         config_with(auth_rules={"method": "md5"}),
@@ -958,6 +1004,21 @@ def test_client_limits_and_inheritance() -> None:
     assert (config.max_user_client_connections, config.max_db_client_connections) == (10, 20)
     assert [u.max_client_connections for u in config.users.values()] == [None, 3, 0]
     assert [d.max_db_client_connections for d in config.databases.values()] == [20, 5, 0]
+
+
+def test_auth_query_settings() -> None:
+    data = config_with(
+        auth_user="app",
+        auth_query="SELECT * FROM pgrouter.lookup($1)",
+        auth_dbname="appdb",
+        auth_query_ttl="0s",
+    )
+    config = parse_config(data, env={})
+    assert config.auth_user == "app"
+    assert config.auth_query == "SELECT * FROM pgrouter.lookup($1)"
+    assert (config.auth_dbname, config.auth_query_ttl) == ("appdb", 0.0)
+    config = parse_config(config_with(auth_user="app", auth_dbname=None), env={})
+    assert (config.auth_query, config.auth_dbname) == (DEFAULT_AUTH_QUERY, None)
 
 
 def test_top_level_must_be_a_mapping() -> None:
