@@ -18,7 +18,7 @@ import structlog
 
 from pools.server import ServerConnection, open_server
 from protocol import messages as m
-from protocol.auth import LoginError
+from protocol.auth import LoginError, ServerSecret
 from protocol.errors import CANNOT_CONNECT_NOW, CONNECTION_FAILURE, QUERY_CANCELED
 
 log = structlog.get_logger("pgrouter.pool")
@@ -69,7 +69,7 @@ class Pool:
         self,
         key: PoolKey,
         dbname: str,
-        password: str | None,
+        password: ServerSecret,
         settings: PoolSettings,
     ) -> None:
         self.key = key

@@ -18,7 +18,7 @@ from typing import Protocol, cast
 import structlog
 
 from protocol import messages as m
-from protocol.auth import LoginError, ServerLogin
+from protocol.auth import LoginError, ServerLogin, ServerSecret
 from protocol.errors import ProtocolViolation, parse_error_fields
 from protocol.framing import MessageReader
 from protocol.scanner import BackendScanner
@@ -289,7 +289,7 @@ class ServerConnection(asyncio.Protocol):
 
 
 async def open_server(
-    host: str, port: int, user: str, password: str | None, params: dict[str, str], timeout: float
+    host: str, port: int, user: str, password: ServerSecret, params: dict[str, str], timeout: float
 ) -> ServerConnection:
     """Connect and log in; raises LoginError, OSError or TimeoutError."""
     loop = asyncio.get_running_loop()

@@ -676,7 +676,8 @@ class AdminConsole:
             rows.append(
                 [name, db.primary.host, db.primary.port, db.dbname, None, db.pool_size,
                  db.min_pool_size, 0, int(config.server_lifetime), db.pool_mode, None, 0,
-                 servers.get(name, 0), 0, clients.get(name, 0), is_paused(proxy, name), 0]
+                 servers.get(name, 0), db.max_db_client_connections, clients.get(name, 0),
+                 is_paused(proxy, name), 0]
             )  # fmt: skip
         return _rows(DATABASES_COLUMNS, rows)
 
@@ -694,8 +695,10 @@ class AdminConsole:
             if client.user and _state_name(client) not in ("CLOSED", "STARTUP", "AUTH"):
                 clients[client.user] = clients.get(client.user, 0) + 1
         rows = [
-            [name, "", "", None, 0, servers.get(name, 0), 0, clients.get(name, 0)] for name in names
-        ]
+            [name, "", "", None, 0, servers.get(name, 0), config.user_client_limit(name)[0],
+             clients.get(name, 0)]
+            for name in names
+        ]  # fmt: skip
         return _rows(USERS_COLUMNS, rows)
 
     def show_lists(self) -> bytes:
@@ -813,6 +816,10 @@ def config_rows(config: Config) -> list[list[str]]:
         ("max_client_conn", str(config.max_client_conn), str(d.max_client_conn), True),
         ("max_prepared_statements", str(config.max_prepared_statements),
          str(d.max_prepared_statements), True),
+        ("max_user_client_connections", str(config.max_user_client_connections),
+         str(d.max_user_client_connections), True),
+        ("max_db_client_connections", str(config.max_db_client_connections),
+         str(d.max_db_client_connections), True),
         ("server_idle_timeout", dur(config.server_idle_timeout), dur(d.server_idle_timeout), True),
         ("server_lifetime", dur(config.server_lifetime), dur(d.server_lifetime), True),
         ("server_connect_timeout", dur(config.server_connect_timeout),
@@ -824,9 +831,22 @@ def config_rows(config: Config) -> list[list[str]]:
         ("max_packet_size", str(config.max_packet_size), str(d.max_packet_size), True),
         ("server_reset_query", config.server_reset_query, d.server_reset_query, True),
         ("auth_type", config.auth_type, d.auth_type, True),
+        ("auth_rules", _rules_summary(config), "", True),
+        ("auth_user", config.auth_user or "", "", True),
+        ("auth_query", config.auth_query, d.auth_query, True),
+        ("auth_dbname", config.auth_dbname or "", "", True),
+        ("auth_query_ttl", dur(config.auth_query_ttl), dur(d.auth_query_ttl), True),
         ("admin.users", ",".join(config.admin.users), "", True),
         ("admin.http", http(config.admin), "", False),
         ("log.level", config.log.level, dl.level, True),
         ("log.format", config.log.format, dl.format, False),
     ]  # fmt: skip
     return [[k, v, default, "yes" if changeable else "no"] for k, v, default, changeable in items]
+
+
+def _rules_summary(config: Config) -> str:
+    """How many auth_rules entries there are (their contents stay in the file)."""
+    rules = config.auth_rules
+    if rules is None:
+        return ""
+    return f"{len(rules)} rule" + ("" if len(rules) == 1 else "s")

@@ -434,7 +434,9 @@ class ClientSession(asyncio.Protocol):
                 if rest:
                     self._login_data(rest)
         elif self.state is State.AUTH:
-            assert self._reader is not None and self._auth is not None
+            assert self._reader is not None
+            if self._auth is None:
+                raise ProtocolViolation("unexpected message before the authentication request")
             self._reader.feed(data)
             while self.state is State.AUTH and (msg := self._reader.next()) is not None:
                 kind, body = msg
@@ -483,6 +485,10 @@ class ClientSession(asyncio.Protocol):
         if self.proxy.client_count > config.max_client_conn:
             self.fatal(e.TOO_MANY_CONNECTIONS, "no more connections allowed (max_client_conn)")
             return
+        method, refusal = self.proxy.auth_method(self, user, dbname)
+        if refusal is not None:  # before anything about the database is revealed
+            self.fatal(e.INVALID_AUTHORIZATION, refusal)
+            return
         database = config.databases.get(dbname)
         self.admin = dbname in ADMIN_DATABASES
         if database is None and not self.admin:
@@ -494,15 +500,21 @@ class ClientSession(asyncio.Protocol):
         except ValueError as exc:
             self.fatal(e.PROTOCOL_VIOLATION, str(exc))
             return
-        method = config.auth_type
-        password, scram_info = self.proxy.user_secrets(user, method)
-        self._auth = ClientAuth(method, user, password, scram_info)
         self._reader = MessageReader(m.MAX_STARTUP_PACKET)
         self.state = State.AUTH
-        first = self._auth.start()
+        auth = self.proxy.client_auth(self, user, method)
+        if auth is not None:  # else auth_query looks the user up and calls begin_auth
+            self.begin_auth(auth)
+
+    def begin_auth(self, auth: ClientAuth) -> None:
+        """The user's secrets are at hand: ask the client for its password."""
+        if self.state is not State.AUTH:
+            return  # gone (or cut at the login timeout) while auth_query ran
+        self._auth = auth
+        first = auth.start()
         if first:
             self.transport.write(first)
-        if self._auth.done:
+        if auth.done:
             self._authenticated()
 
     def _wanted_settings(self, params: dict[str, str]) -> dict[str, str]:
@@ -531,11 +543,16 @@ class ClientSession(asyncio.Protocol):
             self._authenticated()
 
     def _authenticated(self) -> None:
-        self._auth = None
+        auth, self._auth = self._auth, None
         if self.admin:
             self._admin_login()
             return
         assert self.database is not None
+        refusal = self.proxy.admit(self)
+        if refusal is not None:
+            self.fatal(e.TOO_MANY_CONNECTIONS, refusal)
+            return
+        self.proxy.learn_server_secret(self.database, self.user, auth)
         self.state = State.WELCOME
         self.session_mode = self.database.pool_mode == "session"
         self.statement_mode = self.database.pool_mode == "statement"

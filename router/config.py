@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -28,13 +29,16 @@ import yaml
 
 __all__ = [
     "ADMIN_DATABASES",
+    "AUTH_RULE_METHODS",
     "AUTH_TYPES",
+    "DEFAULT_AUTH_QUERY",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "POOL_MODES",
     "READ_YOUR_WRITES_SCOPES",
     "ROUTING_READS",
     "Admin",
+    "AuthRule",
     "Config",
     "ConfigError",
     "Database",
@@ -52,6 +56,8 @@ __all__ = [
 
 POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("scram-sha-256", "md5", "trust", "plain")
+#: Methods of an auth_rules entry; "password" (PostgreSQL's name) and "plain" are the same.
+AUTH_RULE_METHODS = ("scram-sha-256", "md5", "password", "trust", "reject")
 ROUTING_READS = ("replicas", "primary", "any")
 READ_YOUR_WRITES_SCOPES = ("connection", "user_address")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -64,6 +70,14 @@ DEFAULT_LISTEN_PORT = 6432
 DEFAULT_SERVER_PORT = 5432
 DEFAULT_MAX_REPLICA_LAG_BYTES = 1024 * 1024
 SCRAM_PREFIX = "SCRAM-SHA-256$"
+
+#: PostgreSQL's verifier of a login role, NULL once its password expired. pg_shadow lists only
+#: roles that may log in; schema-qualified so a search_path cannot substitute another table.
+DEFAULT_AUTH_QUERY = (
+    "SELECT usename, CASE WHEN valuntil < pg_catalog.now() THEN NULL ELSE passwd END "
+    "FROM pg_catalog.pg_shadow WHERE usename = $1"
+)
+_AUTH_QUERY_PARAM = re.compile(r"\$1(?!\d)")
 
 DURATION_HINT = "must be a duration like 250ms, 5s, 1h"
 SIZE_HINT = "must be a size like 16MB"
@@ -229,6 +243,7 @@ class Database:
     min_pool_size: int
     server_reset_query: str
     routing: Routing
+    max_db_client_connections: int = 0  # 0: unlimited
 
     @property
     def backends(self) -> tuple[Endpoint, ...]:
@@ -242,11 +257,43 @@ class User:
 
     At most one of ``password`` (cleartext) and ``scram_verifier`` is set; neither is set only
     for users of ``auth_type: trust``. ``repr`` hides both so a logged object leaks nothing.
+    ``max_client_connections`` None means the top-level ``max_user_client_connections``.
     """
 
     name: str
     password: str | None = field(default=None, repr=False)
     scram_verifier: str | None = field(default=None, repr=False)
+    max_client_connections: int | None = None
+
+
+IPNetwork = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRule:
+    """One ``auth_rules`` entry, like a pg_hba.conf line: the method for the clients it matches.
+
+    A matcher that is None matches everything (``all``). ``method`` is scram-sha-256, md5,
+    plain (written ``password`` or ``plain``), trust or reject. ``index`` is the rule's position
+    in the file, for logs.
+    """
+
+    method: str
+    databases: frozenset[str] | None = None
+    users: frozenset[str] | None = None
+    networks: tuple[IPNetwork, ...] | None = None
+    index: int = 0
+
+    def matches(self, database: str, user: str, address: IPv4Address | IPv6Address | None) -> bool:
+        """Does the rule cover this login? ``address`` None (not an IP client) matches only a
+        rule without an address."""
+        if self.databases is not None and database not in self.databases:
+            return False
+        if self.users is not None and user not in self.users:
+            return False
+        if self.networks is None:
+            return True
+        return address is not None and any(address in net for net in self.networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +331,15 @@ class Config:
     max_packet_size: int = 256 * 1024 * 1024
     server_reset_query: str = "DISCARD ALL"
     auth_type: str = "scram-sha-256"
+    #: None: ``auth_type`` for every client; otherwise the first matching rule decides.
+    auth_rules: tuple[AuthRule, ...] | None = None
+    max_user_client_connections: int = 0  # 0: unlimited
+    max_db_client_connections: int = 0
+    #: auth_query: users not in `users` are looked up on the servers as this user (None: off).
+    auth_user: str | None = None
+    auth_query: str = DEFAULT_AUTH_QUERY
+    auth_dbname: str | None = None  # where auth_query runs (None: the client's database)
+    auth_query_ttl: float = 60.0  # how long a looked-up secret (or its absence) is reused
     users: Mapping[str, User] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     admin: Admin = field(default_factory=Admin)
     log: LogConfig = field(default_factory=LogConfig)
@@ -291,6 +347,14 @@ class Config:
         default_factory=lambda: MappingProxyType({}), hash=False
     )
     source: str | None = None
+
+    def user_client_limit(self, user: str) -> tuple[int, str]:
+        """(the most clients `user` may have logged in, 0: unlimited; the setting it comes
+        from): its own users.NAME.max_client_connections, else the top level's."""
+        entry = self.users.get(user)
+        if entry is not None and entry.max_client_connections is not None:
+            return entry.max_client_connections, "max_client_connections"
+        return self.max_user_client_connections, "max_user_client_connections"
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +380,13 @@ _TOP_KEYS = (
     "max_packet_size",
     "server_reset_query",
     "auth_type",
+    "auth_rules",
+    "max_user_client_connections",
+    "max_db_client_connections",
+    "auth_user",
+    "auth_query",
+    "auth_dbname",
+    "auth_query_ttl",
     "users",
     "admin",
     "log",
@@ -329,11 +400,13 @@ _DATABASE_KEYS = (
     "pool_size",
     "min_pool_size",
     "server_reset_query",
+    "max_db_client_connections",
     "routing",
 )
 _ROUTING_KEYS = ("reads", "read_your_writes", "read_your_writes_scope", "max_replica_lag")
 _ENDPOINT_KEYS = ("host", "port", "weight")
-_USER_KEYS = ("password", "password_env")
+_USER_KEYS = ("password", "password_env", "max_client_connections")
+_RULE_KEYS = ("method", "database", "user", "address")
 _ADMIN_KEYS = ("users", "http")
 _LOG_KEYS = ("level", "format")
 _MIN_PACKET_SIZE = 1024
@@ -698,6 +771,12 @@ def _database(ck: _Checker, path: str, name: str, value: object, top: Config) ->
         "" if reset is None else reset,
         top.server_reset_query,
     )
+    max_clients = ck.integer(
+        _join(path, "max_db_client_connections"),
+        data.get("max_db_client_connections", _MISSING),
+        top.max_db_client_connections,
+        0,
+    )
     routing = _routing(ck, _join(path, "routing"), data.get("routing"))
     if primary is None or len(ck.errors) != errors_before:
         return None
@@ -711,6 +790,7 @@ def _database(ck: _Checker, path: str, name: str, value: object, top: Config) ->
         min_pool_size=min_pool_size,
         server_reset_query=server_reset_query,
         routing=routing,
+        max_db_client_connections=max_clients,
     )
 
 
@@ -774,7 +854,20 @@ def _secret(ck: _Checker, path: str, value: str, auth_type: str) -> tuple[str | 
     return value, None
 
 
-def _users(ck: _Checker, value: object, env: Mapping[str, str], auth_type: str) -> dict[str, User]:
+def _users(
+    ck: _Checker,
+    value: object,
+    env: Mapping[str, str],
+    auth_type: str,
+    rules: tuple[AuthRule, ...] | None,
+) -> dict[str, User]:
+    """With auth_rules, an md5 rule checks a verifier-only user with SCRAM (as PostgreSQL does),
+    and a user may go without a password only if some rule trusts."""
+    if rules is not None:
+        # Only the two checks below look at auth_type: "trust" when a rule trusts, else a
+        # method that accepts a verifier.
+        trusted = any(rule.method == "trust" for rule in rules)
+        auth_type = "trust" if trusted else "scram-sha-256"
     if value is _MISSING or value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -815,10 +908,142 @@ def _users(ck: _Checker, value: object, env: Mapping[str, str], auth_type: str) 
                 ck.error(env_path, f"environment variable {var} is empty")
             else:
                 password, verifier = _secret(ck, env_path, env[var], auth_type)
+        elif rules is not None and auth_type != "trust":
+            ck.error(path, "needs password or password_env (no auth_rules entry is trust)")
         elif auth_type != "trust":
             ck.error(path, f"needs password or password_env (auth_type is {auth_type})")
-        result[name] = User(name=name, password=password, scram_verifier=verifier)
+        max_clients = None
+        if "max_client_connections" in data:
+            max_clients = ck.integer(
+                _join(path, "max_client_connections"), data["max_client_connections"], 0, 0
+            )
+        result[name] = User(
+            name=name,
+            password=password,
+            scram_verifier=verifier,
+            max_client_connections=max_clients,
+        )
     return result
+
+
+_RULE_HINT = "{method: ..., database: ..., user: ..., address: ...}"
+_CIDR_HINT = "must be an address in CIDR notation like 10.0.0.0/8 or ::1/128, or all"
+
+
+def _rule_names(
+    ck: _Checker, path: str, value: object, what: str, known: set[str] | None = None
+) -> frozenset[str] | None:
+    """A name, a list of names, or ``all`` (also when absent): None stands for all. Names
+    outside ``known`` (when given) are errors."""
+    if value is _MISSING or value == "all":
+        return None
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        ck.error(path, f"must list at least one {what} name (or be all)")
+        return None
+    names: set[str] = set()
+    for i, item in enumerate(items):
+        item_path = f"{path}[{i}]" if isinstance(value, list) else path
+        if not isinstance(item, str) or not item.strip():
+            ck.error(
+                item_path, f"must be a {what} name, a list of names, or all (got {_show(item)})"
+            )
+        elif item == "all":
+            return None
+        elif known is not None and item not in known:
+            close = difflib.get_close_matches(item, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            ck.error(item_path, f"no {what} {item!r} in {what}s{hint}")
+        else:
+            names.add(item)
+    return frozenset(names)
+
+
+def _rule_network(text: str) -> IPNetwork:
+    """A CIDR block, or a single address (/32, /128); ValueError says what is wrong."""
+    if text == "local":
+        raise ValueError(
+            "pgrouter listens only on TCP, so no client is local "
+            "(use 127.0.0.1/32 or ::1/128 for clients on this host)"
+        )
+    try:
+        if "/" not in text:
+            return ip_network(ip_address(text))
+        return ip_network(text)
+    except ValueError:
+        pass
+    try:
+        loose = ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{_CIDR_HINT} (got {_show(text)})") from None
+    raise ValueError(f"{text} has host bits set (did you mean {loose}?)")
+
+
+def _rule_networks(ck: _Checker, path: str, value: object) -> tuple[IPNetwork, ...] | None:
+    if value is _MISSING or value == "all":
+        return None
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        ck.error(path, "must list at least one address (or be all)")
+        return None
+    networks: list[IPNetwork] = []
+    for i, item in enumerate(items):
+        item_path = f"{path}[{i}]" if isinstance(value, list) else path
+        if item == "all":
+            return None
+        if not isinstance(item, str):
+            ck.error(item_path, f"{_CIDR_HINT} (got {_show(item)})")
+            continue
+        try:
+            networks.append(_rule_network(item.strip()))
+        except ValueError as exc:
+            ck.error(item_path, str(exc))
+    return tuple(networks)
+
+
+def _auth_rules(
+    ck: _Checker, value: object, databases: Iterable[str] | None
+) -> tuple[AuthRule, ...] | None:
+    """``auth_rules``: None when absent (auth_type for everyone). ``databases`` are the names
+    of the topology's databases (None when that section is itself invalid): a rule naming any
+    other database (but the admin console's) is a typo that would never match."""
+    if value is _MISSING or value is None:
+        return None
+    if not isinstance(value, list):
+        ck.error(
+            "auth_rules", f"must be a list of rules like {_RULE_HINT}, got {_type_name(value)}"
+        )
+        return None
+    if not value:
+        ck.error(
+            "auth_rules",
+            "must list at least one rule (leave auth_rules out to use auth_type for every client)",
+        )
+        return None
+    known = None if databases is None else {*databases, *ADMIN_DATABASES}
+    rules: list[AuthRule] = []
+    for i, item in enumerate(value):
+        path = f"auth_rules[{i}]"
+        if not isinstance(item, Mapping):
+            ck.error(path, f"must be a mapping like {_RULE_HINT}, got {_type_name(item)}")
+            continue
+        errors_before = len(ck.errors)
+        data = ck.mapping(path, item, _RULE_KEYS)
+        method = "reject"
+        if "method" not in data:
+            ck.error(_join(path, "method"), f"required: one of {', '.join(AUTH_RULE_METHODS)}")
+        else:
+            raw = "password" if data["method"] == "plain" else data["method"]
+            method = ck.choice(_join(path, "method"), raw, method, AUTH_RULE_METHODS)
+        names = _rule_names(
+            ck, _join(path, "database"), data.get("database", _MISSING), "database", known
+        )
+        users = _rule_names(ck, _join(path, "user"), data.get("user", _MISSING), "user")
+        networks = _rule_networks(ck, _join(path, "address"), data.get("address", _MISSING))
+        if len(ck.errors) == errors_before:
+            method = "plain" if method == "password" else method
+            rules.append(AuthRule(method, names, users, networks, i))
+    return tuple(rules)
 
 
 def _admin(ck: _Checker, value: object) -> Admin:
@@ -848,6 +1073,48 @@ def _log(ck: _Checker, value: object) -> LogConfig:
         level=ck.choice("log.level", level, "info", LOG_LEVELS),
         format=ck.choice("log.format", data.get("format", _MISSING), "console", LOG_FORMATS),
     )
+
+
+def _auth_lookup(
+    ck: _Checker,
+    get: Callable[[str], Any],
+    users: Mapping[str, User],
+    databases: Mapping[str, Database],
+    databases_ok: bool,
+) -> tuple[str | None, str, str | None]:
+    """(auth_user, auth_query, auth_dbname), checked against the users and databases."""
+    user = get("auth_user")
+    user = None if user is _MISSING else user
+    query = ck.string("auth_query", get("auth_query"), DEFAULT_AUTH_QUERY, non_empty=True)
+    dbname = get("auth_dbname")
+    dbname = None if dbname is _MISSING else dbname
+    if user is not None and (not isinstance(user, str) or not user.strip()):
+        ck.error("auth_user", f"must be a user name, got {_show(user)}")
+        user = None
+    elif user is not None:
+        entry = users.get(user)
+        if entry is None:
+            ck.error("auth_user", f"{user!r} must be one of the users (with a cleartext password)")
+        elif entry.password is None:
+            ck.error(
+                "auth_user",
+                f"users.{user} needs a cleartext password: auth_query logs in to the servers "
+                "with it",
+            )
+    elif query != DEFAULT_AUTH_QUERY or dbname is not None:
+        key = "auth_query" if query != DEFAULT_AUTH_QUERY else "auth_dbname"
+        ck.error(key, "needs auth_user (the user that runs the query)")
+    if not _AUTH_QUERY_PARAM.search(query):
+        ck.error("auth_query", "must contain $1 where the user name goes")
+    if dbname is not None:
+        if not isinstance(dbname, str) or not dbname.strip():
+            ck.error("auth_dbname", f"must be a database name, got {_show(dbname)}")
+            dbname = None
+        elif databases_ok and dbname not in databases:
+            close = difflib.get_close_matches(dbname, list(databases), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            ck.error("auth_dbname", f"no database {dbname!r} in databases{hint}")
+    return user, query, dbname
 
 
 # --------------------------------------------------------------------------------------------
@@ -892,6 +1159,17 @@ def parse_config(
         max_packet_size = defaults.max_packet_size
     reset = get("server_reset_query")
     auth_type = ck.choice("auth_type", get("auth_type"), defaults.auth_type, AUTH_TYPES)
+    raw_databases = get("databases")
+    auth_rules = _auth_rules(
+        ck,
+        get("auth_rules"),
+        [k for k in raw_databases if isinstance(k, str)]
+        if isinstance(raw_databases, Mapping)
+        else None,
+    )
+
+    def limit(key: str) -> int:
+        return ck.integer(key, get(key), 0, 0)
 
     base = Config(
         listen=_listen(ck, get("listen")),
@@ -918,16 +1196,30 @@ def parse_config(
             "server_reset_query", "" if reset is None else reset, defaults.server_reset_query
         ),
         auth_type=auth_type,
+        auth_rules=auth_rules,
+        max_user_client_connections=limit("max_user_client_connections"),
+        max_db_client_connections=limit("max_db_client_connections"),
         source=source,
     )
-    users = _users(ck, get("users"), env, auth_type)
+    users = _users(ck, get("users"), env, auth_type, auth_rules)
     admin = _admin(ck, top.get("admin"))
     log = _log(ck, top.get("log"))
+    errors_before = len(ck.errors)
     databases = _databases(ck, get("databases"), base)
+    auth_user, auth_query, auth_dbname = _auth_lookup(
+        ck, get, users, databases, len(ck.errors) == errors_before
+    )
+    auth_query_ttl = ck.duration(
+        "auth_query_ttl", get("auth_query_ttl"), defaults.auth_query_ttl, positive=False
+    )
     if ck.errors:
         raise ConfigError(ck.errors)
     return dataclasses.replace(
         base,
+        auth_user=auth_user,
+        auth_query=auth_query,
+        auth_dbname=auth_dbname,
+        auth_query_ttl=auth_query_ttl,
         users=MappingProxyType(users),
         admin=admin,
         log=log,

@@ -219,6 +219,21 @@ class ProxyCollector:
             "pgrouter_auth_failures", "Failed client authentications", value=proxy.auth_failures
         )
         yield CounterMetricFamily(
+            "pgrouter_login_refusals",
+            "Logins refused by auth_rules or a per-user/per-database client limit",
+            value=proxy.login_refusals,
+        )
+        yield CounterMetricFamily(
+            "pgrouter_auth_query_lookups",
+            "auth_query lookups run (answers are cached for auth_query_ttl)",
+            value=proxy.auth_query.lookups,
+        )
+        yield CounterMetricFamily(
+            "pgrouter_auth_query_failures",
+            "auth_query lookups that failed (the login was refused)",
+            value=proxy.auth_query.failures,
+        )
+        yield CounterMetricFamily(
             "pgrouter_cancel_requests", "Cancel requests received", value=proxy.cancel_requests
         )
         pinned = GaugeMetricFamily(

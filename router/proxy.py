@@ -14,9 +14,20 @@ import structlog
 from pools.monitor import BackendMonitor
 from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import send_cancel
-from protocol.auth import ScramAuthInfo, parse_scram_verifier, scram_auth_info
+from protocol import errors as e
+from protocol.auth import (
+    ClientAuth,
+    Md5Hash,
+    ScramAuthInfo,
+    ServerSecret,
+    is_md5_hash,
+    parse_scram_verifier,
+    scram_auth_info,
+)
+from router.access import ClientLimits, choose_rule, peer_address, rule_refusal
+from router.auth_query import AuthQuery, LookupKey
 from router.client import PIN_REASONS, ClientSession, new_cancel_key
-from router.config import Config, ConfigError, Database, Endpoint, load_config
+from router.config import SCRAM_PREFIX, Config, ConfigError, Database, Endpoint, load_config
 from router.routing import Router
 from router.statements import StatementRegistry
 
@@ -44,6 +55,12 @@ class Proxy:
         self._janitor: asyncio.Task[None] | None = None
         self._dummy_scram: ScramAuthInfo | None = None
         self._logins: deque[ClientSession] = deque()  # in connection order, for the login timeout
+        self.limits = ClientLimits()  # logged-in clients per user and per database
+        self.auth_query = AuthQuery()
+        # What logs in to the servers for users without a cleartext password in the topology:
+        # SCRAM keys from their own SCRAM login, or an md5 hash from auth_query.
+        self._server_secrets: dict[tuple[str, str], ServerSecret] = {}  # (database, user)
+        self.login_refusals = 0  # by auth_rules and the per-user/per-database limits
         self.paused: set[str] = set()  # database names held by PAUSE; "*" for all
         self.on_shutdown_request: Callable[[], None] | None = None  # set by the CLI
 
@@ -140,13 +157,14 @@ class Proxy:
         """Use `config` for new logins and pool settings; connected clients stay."""
         self.config = config
         self._secrets.clear()
+        self.auth_query.clear()
         for key, pool in self.pools.items():
             database = config.databases.get(key.database)
             if database is None:
                 pool.close()
             else:
                 pool.settings = self._pool_settings(database)
-                pool.password = self._server_password(key.user)
+                pool.password = self._server_password(key.database, key.user)
         if self._janitor is not None:  # running: the backends may have changed
             for monitor in self.monitors.values():
                 monitor.stop()
@@ -224,6 +242,7 @@ class Proxy:
 
     def client_gone(self, client: ClientSession) -> None:
         self.clients.discard(client)
+        self.limits.release(client)
         if self._cancel_keys.get(client.key[0]) is client:
             del self._cancel_keys[client.key[0]]
 
@@ -261,6 +280,137 @@ class Proxy:
             _quiet(send_cancel(server.host, server.port, server.backend_key))
         )
 
+    def auth_method(
+        self, client: ClientSession, user: str, database: str
+    ) -> tuple[str, str | None]:
+        """How `client` must authenticate as `user` for `database`: (method, None), or
+        (reject, the 28000 message) when auth_rules refuse it. Without auth_rules every
+        client gets auth_type. An md5 rule checks a user known only by a SCRAM verifier with
+        SCRAM, as PostgreSQL does."""
+        config = self.config
+        rules = config.auth_rules
+        if rules is None:
+            return config.auth_type, None
+        address = peer_address(client.transport.get_extra_info("peername"))
+        rule = choose_rule(rules, database, user, address)
+        refusal = rule_refusal(rule, database, user, address)
+        if rule is None or refusal is not None:
+            self.login_refusals += 1
+            log.info(
+                "login refused by auth_rules",
+                client=client.peer,
+                user=user,
+                database=database,
+                rule=None if rule is None else rule.index,
+            )
+            return "reject", refusal
+        return rule.method, None
+
+    def admit(self, client: ClientSession) -> str | None:
+        """Count a client that just logged in against the limits of its user and database;
+        the 53300 message when it is over one. Admin console clients are not counted."""
+        database = client.database
+        assert database is not None
+        config = self.config
+        current = config.databases.get(database.name, database)  # a reload may have changed it
+        refusal = self.limits.admit(
+            client,
+            client.user,
+            database.name,
+            config.user_client_limit(client.user),
+            current.max_db_client_connections,
+        )
+        if refusal is not None:
+            self.login_refusals += 1
+            log.info(
+                "client limit reached", client=client.peer, user=client.user, database=database.name
+            )
+        return refusal
+
+    def client_auth(self, client: ClientSession, user: str, method: str) -> ClientAuth | None:
+        """The check of `client`'s credentials, or None while auth_query looks the user up
+        (then ``client.begin_auth`` or ``client.fatal`` follows)."""
+        config = self.config
+        if method == "trust" or config.auth_user is None or user in config.users:
+            return self._client_auth(user, method, *self.user_secrets(user, method))
+        database = client.database
+        if config.auth_dbname is not None:
+            database = config.databases.get(config.auth_dbname)
+        if database is None:  # the admin console without auth_dbname: topology users only
+            return self._client_auth(user, method, *self.user_secrets(user, method))
+        key: LookupKey = (database.primary.host, database.primary.port, user)
+        found, secret = self.auth_query.cached(key)
+        if found:
+            return self._looked_up_auth(user, method, secret)
+
+        def done(secret: str | None, error: str | None) -> None:
+            if error is not None:
+                client.fatal(e.CONNECTION_FAILURE, "could not look up the user (auth_query failed)")
+            else:
+                client.begin_auth(self._looked_up_auth(user, method, secret))
+
+        auth_user = config.users[config.auth_user]
+        self.auth_query.lookup(
+            key,
+            database.dbname,
+            (auth_user.name, auth_user.password),
+            config.auth_query,
+            config.server_connect_timeout,
+            config.auth_query_ttl,
+            done,
+        )
+        return None
+
+    def _looked_up_auth(self, user: str, method: str, secret: str | None) -> ClientAuth:
+        """A ClientAuth for a secret auth_query found (None: no such user)."""
+        if secret is None:
+            return self._client_auth(user, method, *self._unknown_user(method))
+        if secret.startswith(SCRAM_PREFIX):
+            try:
+                info = parse_scram_verifier(secret)
+            except ValueError:
+                log.warning("auth_query returned a malformed SCRAM verifier", user=user)
+                return self._client_auth(user, method, *self._unknown_user(method))
+            return self._client_auth(user, method, None, info)
+        if is_md5_hash(secret):
+            return ClientAuth(method, user, None, md5_hash=secret)
+        derived = scram_auth_info(secret) if method == "scram-sha-256" else None  # cleartext
+        return self._client_auth(user, method, secret, derived)
+
+    def _client_auth(
+        self, user: str, method: str, password: str | None, info: ScramAuthInfo | None
+    ) -> ClientAuth:
+        """md5 for a user known only by a SCRAM verifier is SCRAM, as in PostgreSQL."""
+        if method == "md5" and password is None and info is not None:
+            method = "scram-sha-256"
+        return ClientAuth(method, user, password, info)
+
+    def _unknown_user(self, method: str) -> tuple[str | None, ScramAuthInfo | None]:
+        """Random secrets: the exchange fails exactly like a wrong password."""
+        if method == "trust":
+            return None, None
+        if self._dummy_scram is None:
+            self._dummy_scram = scram_auth_info(secrets.token_hex(16))
+        return secrets.token_hex(16), self._dummy_scram
+
+    def learn_server_secret(self, database: Database, user: str, auth: ClientAuth | None) -> None:
+        """After a client logged in: what lets its pools log in to the servers when the
+        topology has no cleartext password for the user (SCRAM pass-through, md5 hash)."""
+        entry = self.config.users.get(user)
+        if auth is None or (entry is not None and entry.password is not None):
+            return
+        secret: ServerSecret = auth.scram_keys
+        if secret is None and auth.md5_hash is not None:
+            secret = Md5Hash(auth.md5_hash)
+        elif secret is None and entry is None:
+            secret = auth.password  # cleartext from auth_query
+        if secret is None:
+            return
+        self._server_secrets[(database.name, user)] = secret
+        for key, pool in self.pools.items():
+            if key.user == user and key.database == database.name:
+                pool.password = secret
+
     def user_secrets(self, user: str, method: str) -> tuple[str | None, ScramAuthInfo | None]:
         """The password and SCRAM keys to check `user` with (PBKDF2 runs once per user).
 
@@ -272,17 +422,12 @@ class Proxy:
             return cached
         entry = self.config.users.get(user)
         if entry is None:
-            if method == "trust":
-                return None, None
-            if self._dummy_scram is None:
-                self._dummy_scram = scram_auth_info(secrets.token_hex(16))
-            return secrets.token_hex(16), self._dummy_scram
+            return self._unknown_user(method)
         info: ScramAuthInfo | None = None
-        if method == "scram-sha-256":
-            if entry.scram_verifier:
-                info = parse_scram_verifier(entry.scram_verifier)
-            elif entry.password is not None:
-                info = scram_auth_info(entry.password)
+        if entry.scram_verifier and method != "trust":  # md5 and cleartext can use it too
+            info = parse_scram_verifier(entry.scram_verifier)
+        elif method == "scram-sha-256" and entry.password is not None:
+            info = scram_auth_info(entry.password)
         result = (entry.password, info)
         self._secrets[(user, method)] = result
         return result
@@ -303,9 +448,11 @@ class Proxy:
             else "",
         )
 
-    def _server_password(self, user: str) -> str | None:
+    def _server_password(self, database: str, user: str) -> ServerSecret:
         entry = self.config.users.get(user)
-        return entry.password if entry is not None else None
+        if entry is not None and entry.password is not None:
+            return entry.password
+        return self._server_secrets.get((database, user))
 
     def pool_for(self, database: Database, user: str, endpoint: Endpoint | None = None) -> Pool:
         """The pool for (database, user, backend); the primary until routing picks another."""
@@ -314,7 +461,10 @@ class Proxy:
         pool = self.pools.get(key)
         if pool is None or pool.closed:
             pool = Pool(
-                key, database.dbname, self._server_password(user), self._pool_settings(database)
+                key,
+                database.dbname,
+                self._server_password(database.name, user),
+                self._pool_settings(database),
             )
             self.pools[key] = pool
         return pool

@@ -10,10 +10,11 @@ statement the server lacks is preceded by our own Parse.
 Some rewrites change what the server answers, so those replies are changed back: the
 ParseComplete of our own Parse and the CloseComplete of our own Close (an evicted statement,
 or an older copy re-parsed for a client's Parse) are swallowed, and a duplicate name is turned
-into a failing Describe whose error becomes PostgreSQL's 42P05. Replies are aligned with the messages that caused them
-by counting, per batch (the messages up to a Sync, Query or FunctionCall), the message that ends
-each reply. Only batches with such a rewrite, or spanning several client chunks (a Flush
-before the Sync), are followed message by message; every other reply is forwarded untouched.
+into a failing Describe whose error becomes PostgreSQL's 42P05. Replies are aligned with the
+messages that caused them by counting, per batch (the messages up to a Sync, Query or
+FunctionCall), the message that ends each reply. Only batches with such a rewrite, or spanning
+several client chunks (a Flush before the Sync), are followed message by message; every other
+reply is forwarded untouched.
 
 A failed or skipped (after an earlier error in the batch) Parse is undone on both sides, as the
 server did not create the statement.

@@ -487,6 +487,32 @@ def test_show_databases_users_lists(proxy: Proxy) -> None:
     assert (items["used_clients"], items["login_clients"], items["used_servers"]) == ("3", "1", "1")
 
 
+def test_show_databases_and_users_report_the_client_limits() -> None:
+    topology = {
+        **TOPOLOGY,
+        "max_user_client_connections": 4,
+        "max_db_client_connections": 9,
+        "users": {**TOPOLOGY["users"], "report": {"password": "r", "max_client_connections": 2}},
+        "databases": {
+            **TOPOLOGY["databases"],
+            "sessions": {**TOPOLOGY["databases"]["sessions"], "max_db_client_connections": 0},
+        },
+        "auth_rules": [{"method": "md5"}, {"method": "reject"}],
+    }
+    console = AdminConsole(make_proxy(topology))
+    dbs = {r["name"]: r for r in one(console, "SHOW DATABASES").dicts()}
+    assert dbs["appdb"]["max_client_connections"] == "9"
+    assert dbs["sessions"]["max_client_connections"] == "0"
+    users = {r["name"]: r for r in one(console, "SHOW USERS").dicts()}
+    assert users["app"]["max_user_client_connections"] == "4"
+    assert users["report"]["max_user_client_connections"] == "2"
+    assert users["postgres"]["max_user_client_connections"] == "4"
+    config = {r[0]: r for r in one(console, "SHOW CONFIG").rows}
+    assert config["max_user_client_connections"] == ["max_user_client_connections", "4", "0", "yes"]
+    assert config["max_db_client_connections"][1:3] == ["9", "0"]
+    assert config["auth_rules"][1] == "2 rules"
+
+
 def test_show_config_version_help(console: AdminConsole) -> None:
     config = one(console, "SHOW CONFIG")
     rows = {r[0]: r for r in config.rows}
@@ -494,6 +520,8 @@ def test_show_config_version_help(console: AdminConsole) -> None:
     assert rows["max_client_conn"][1] == "10000"  # read by pgbouncer_exporter as a number
     assert rows["listen"][3] == "no"
     assert rows["admin.users"][1] == "postgres"
+    assert rows["auth_rules"][1] == ""  # none: auth_type for everyone
+    assert rows["max_user_client_connections"][1:3] == ["0", "0"]
     assert all(v is not None and "secret" not in v for r in config.rows for v in r)
 
     version = one(console, "show version")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import pytest
 import yaml
 
 from router.config import (
+    DEFAULT_AUTH_QUERY,
     Admin,
+    AuthRule,
     Config,
     ConfigError,
     Endpoint,
@@ -76,6 +79,20 @@ def test_full_example_parses() -> None:
     assert config.users["app"].password == "change-me"
     assert config.users["reporting"].password == "reporting-secret"
     assert config.users["postgres"] == User("postgres", None, VERIFIER)
+    assert config.users["reporting"].max_client_connections == 50
+    assert config.users["app"].max_client_connections is None
+    assert config.auth_rules == (
+        AuthRule(
+            "scram-sha-256",
+            frozenset({"pgrouter", "pgbouncer"}),
+            None,
+            (ip_network("127.0.0.1/32"), ip_network("::1/128")),
+            0,
+        ),
+        AuthRule("reject", frozenset({"pgrouter", "pgbouncer"}), None, None, 1),
+        AuthRule("md5", None, frozenset({"reporting"}), (ip_network("10.0.0.0/8"),), 2),
+        AuthRule("scram-sha-256", index=3),
+    )
 
     assert list(config.databases) == ["appdb", "billing", "appdb_session"]
     appdb = config.databases["appdb"]
@@ -103,7 +120,7 @@ def test_full_example_states_the_defaults() -> None:
     config = load_config(EXAMPLES / "topology.yaml", env=EXAMPLE_ENV)
     defaults = Config()
     for f in dataclasses.fields(Config):
-        if f.name not in ("users", "admin", "databases", "source"):
+        if f.name not in ("users", "admin", "databases", "source", "auth_rules"):
             assert getattr(config, f.name) == getattr(defaults, f.name), f.name
     data = yaml.safe_load((EXAMPLES / "topology.yaml").read_text())
     missing = {f.name for f in dataclasses.fields(Config)} - set(data) - {"source"}
@@ -139,10 +156,22 @@ def test_defaults() -> None:
         "max_packet_size",
         "server_reset_query",
         "auth_type",
+        "auth_rules",
+        "max_user_client_connections",
+        "max_db_client_connections",
+        "auth_user",
+        "auth_query",
+        "auth_dbname",
+        "auth_query_ttl",
         "admin",
         "log",
     ):
         assert getattr(config, name) == getattr(defaults, name), name
+    assert config.auth_rules is None
+    assert (config.max_user_client_connections, config.max_db_client_connections) == (0, 0)
+    assert (config.auth_user, config.auth_dbname, config.auth_query_ttl) == (None, None, 60.0)
+    assert config.auth_query == DEFAULT_AUTH_QUERY
+    assert "pg_catalog.pg_shadow" in DEFAULT_AUTH_QUERY
     assert dict(config.users) == {}
     assert config.source is None
     db = config.databases["appdb"]
@@ -152,6 +181,7 @@ def test_defaults() -> None:
     assert (db.pool_mode, db.pool_size, db.min_pool_size) == ("transaction", 20, 0)
     assert db.server_reset_query == "DISCARD ALL"
     assert db.routing == Routing(max_replica_lag_bytes=1024 * 1024)
+    assert db.max_db_client_connections == 0
 
 
 def test_per_database_inheritance_and_overrides() -> None:
@@ -644,6 +674,163 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("listen empty list", config_with(listen=[]), "listen: must list at least one host:port"),
     ("listen duplicate", config_with(listen=["h:1", "h:1"]), "listen[1]: duplicate address h:1"),
     ("listen int", config_with(listen=6432), 'listen: must be a "host:port" string, got integer'),
+    (
+        "max_user_client_connections negative",
+        config_with(max_user_client_connections=-1),
+        "max_user_client_connections: must be >= 0",
+    ),
+    (
+        "max_db_client_connections string",
+        config_with(max_db_client_connections="10"),
+        "max_db_client_connections: must be an integer, got string",
+    ),
+    (
+        "per-db max_db_client_connections",
+        db_with(max_db_client_connections=-3),
+        "databases.appdb.max_db_client_connections: must be >= 0",
+    ),
+    (
+        "per-user max_client_connections",
+        config_with(users={"u": {"password": "x", "max_client_connections": True}}),
+        "users.u.max_client_connections: must be an integer, got boolean",
+    ),
+    (
+        "per-user max_user_client_connections",
+        config_with(users={"u": {"password": "x", "max_user_client_connections": 1}}),
+        "users.u.max_user_client_connections: unknown key (did you mean 'max_client_connections'?)",
+    ),
+    ("auth_user unknown", config_with(auth_user="nobody"), "auth_user: 'nobody' must be one of"),
+    ("auth_user not a name", config_with(auth_user=["app"]), "auth_user: must be a user name"),
+    (
+        "auth_user with a verifier",
+        config_with(auth_user="u", users={"u": {"password": VERIFIER}}),
+        "auth_user: users.u needs a cleartext password: auth_query logs in to the servers",
+    ),
+    (
+        "auth_query without auth_user",
+        config_with(auth_query="SELECT 1, passwd FROM t WHERE u = $1"),
+        "auth_query: needs auth_user (the user that runs the query)",
+    ),
+    (
+        "auth_dbname without auth_user",
+        config_with(auth_dbname="appdb"),
+        "auth_dbname: needs auth_user",
+    ),
+    (
+        "auth_query without $1",
+        config_with(auth_user="app", auth_query="SELECT usename, passwd FROM pg_shadow"),
+        "auth_query: must contain $1 where the user name goes",
+    ),
+    (
+        "auth_query with $12 only",
+        config_with(auth_user="app", auth_query="SELECT $12"),
+        "auth_query: must contain $1",
+    ),
+    ("auth_query empty", config_with(auth_user="app", auth_query=" "), "auth_query: must be a non"),
+    (
+        "auth_dbname unknown",
+        config_with(auth_user="app", auth_dbname="apdb"),
+        "auth_dbname: no database 'apdb' in databases (did you mean 'appdb'?)",
+    ),
+    (
+        "auth_query_ttl",
+        config_with(auth_query_ttl="often"),
+        "auth_query_ttl: must be a duration like 250ms, 5s, 1h (got 'often')",
+    ),
+    (
+        "auth_rules not a list",
+        config_with(auth_rules={"method": "md5"}),
+        "auth_rules: must be a list of rules",
+    ),
+    ("auth_rules empty", config_with(auth_rules=[]), "auth_rules: must list at least one rule"),
+    (
+        "auth_rules item not a mapping",
+        config_with(auth_rules=["host all all 0.0.0.0/0 md5"]),
+        "auth_rules[0]: must be a mapping like {method: ..., database: ..., user: ..., "
+        "address: ...}, got string",
+    ),
+    (
+        "auth_rules unknown method",
+        config_with(auth_rules=[{"method": "md5"}, {"method": "peer"}]),
+        "auth_rules[1].method: must be one of scram-sha-256, md5, password, trust, reject "
+        "(got 'peer')",
+    ),
+    (
+        "auth_rules method missing",
+        config_with(auth_rules=[{"address": "10.0.0.0/8"}]),
+        "auth_rules[0].method: required: one of scram-sha-256, md5, password, trust, reject",
+    ),
+    (
+        "auth_rules unknown key",
+        config_with(auth_rules=[{"method": "md5", "users": "app"}]),
+        "auth_rules[0].users: unknown key (did you mean 'user'?)",
+    ),
+    (
+        "auth_rules host key",
+        config_with(auth_rules=[{"method": "md5", "host": "10.0.0.0/8"}]),
+        "auth_rules[0].host: unknown key (expected one of: method, database, user, address)",
+    ),
+    (
+        "auth_rules bad CIDR",
+        config_with(auth_rules=[{"method": "md5", "address": "10.0.0.0/33"}]),
+        "auth_rules[0].address: must be an address in CIDR notation like 10.0.0.0/8 or "
+        "::1/128, or all (got '10.0.0.0/33')",
+    ),
+    (
+        "auth_rules host name",
+        config_with(auth_rules=[{"method": "md5", "address": ["::1/128", "db.example"]}]),
+        "auth_rules[0].address[1]: must be an address in CIDR notation",
+    ),
+    (
+        "auth_rules host bits",
+        config_with(auth_rules=[{"method": "md5", "address": "10.1.2.3/8"}]),
+        "auth_rules[0].address: 10.1.2.3/8 has host bits set (did you mean 10.0.0.0/8?)",
+    ),
+    (
+        "auth_rules ipv6 host bits",
+        config_with(auth_rules=[{"method": "md5", "address": "fd00::1/64"}]),
+        "auth_rules[0].address: fd00::1/64 has host bits set (did you mean fd00::/64?)",
+    ),
+    (
+        "auth_rules address number",
+        config_with(auth_rules=[{"method": "md5", "address": 10}]),
+        "auth_rules[0].address: must be an address in CIDR notation",
+    ),
+    (
+        "auth_rules local",
+        config_with(auth_rules=[{"method": "trust", "address": "local"}]),
+        "auth_rules[0].address: pgrouter listens only on TCP, so no client is local",
+    ),
+    (
+        "auth_rules empty address list",
+        config_with(auth_rules=[{"method": "md5", "address": []}]),
+        "auth_rules[0].address: must list at least one address (or be all)",
+    ),
+    (
+        "auth_rules unknown database",
+        config_with(auth_rules=[{"method": "md5", "database": ["pgrouter", "apdb"]}]),
+        "auth_rules[0].database[1]: no database 'apdb' in databases (did you mean 'appdb'?)",
+    ),
+    (
+        "auth_rules database not a name",
+        config_with(auth_rules=[{"method": "md5", "database": None}]),
+        "auth_rules[0].database: must be a database name, a list of names, or all (got None)",
+    ),
+    (
+        "auth_rules user not a name",
+        config_with(auth_rules=[{"method": "md5", "user": ["app", 7]}]),
+        "auth_rules[0].user[1]: must be a user name, a list of names, or all (got 7)",
+    ),
+    (
+        "auth_rules empty user list",
+        config_with(auth_rules=[{"method": "md5", "user": []}]),
+        "auth_rules[0].user: must list at least one user name (or be all)",
+    ),
+    (
+        "auth_rules without trust need passwords",
+        config_with(auth_rules=[{"method": "md5"}], users={"u": {}}),
+        "users.u: needs password or password_env (no auth_rules entry is trust)",
+    ),
 ]
 
 
@@ -688,6 +875,150 @@ def test_all_errors_are_collected() -> None:
         "databases.b.routing.reads: must be one of replicas, primary, any (got 'nowhere')",
         "databases.pgrouter: the name 'pgrouter' is reserved for the admin console",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# auth_rules and client limits
+# --------------------------------------------------------------------------------------------
+
+
+def test_auth_rules_forms() -> None:
+    rules = [
+        {"method": "md5", "database": "appdb", "user": ["app", "report"], "address": "10.0.0.0/8"},
+        {"method": "password", "database": ["appdb", "pgbouncer"], "address": ["::1/128", "::1"]},
+        {"method": "plain", "user": "all", "address": "192.168.1.7"},
+        {"method": "trust", "database": ["appdb", "all"], "address": ["all"]},
+        {"method": "reject"},
+    ]
+    config = parse_config(config_with(auth_rules=rules, users={"u": {}}), env={})
+    assert config.auth_rules == (
+        AuthRule(
+            "md5",
+            frozenset({"appdb"}),
+            frozenset({"app", "report"}),
+            (ip_network("10.0.0.0/8"),),
+            0,
+        ),
+        AuthRule(
+            "plain",
+            frozenset({"appdb", "pgbouncer"}),
+            None,
+            (ip_network("::1/128"), ip_network("::1/128")),
+            1,
+        ),
+        AuthRule("plain", None, None, (ip_network("192.168.1.7/32"),), 2),
+        AuthRule("trust", None, None, None, 3),
+        AuthRule("reject", index=4),
+    )
+    assert config.users["u"] == User("u", None, None)  # a trust rule exists
+    assert config.auth_type == "scram-sha-256"  # still parsed, unused while rules exist
+
+
+def test_auth_rules_null_is_absent() -> None:
+    assert parse_config(config_with(auth_rules=None), env={}).auth_rules is None
+    data = config_with()
+    data["auth_rules"] = None
+    assert parse_config(data, env={}).auth_rules is None
+
+
+def test_auth_rules_allow_a_verifier_under_md5() -> None:
+    """An md5 rule checks a verifier-only user with SCRAM (PostgreSQL's behaviour), so the
+    auth_type check does not apply."""
+    data = config_with(
+        auth_type="md5", auth_rules=[{"method": "md5"}], users={"u": {"password": VERIFIER}}
+    )
+    assert parse_config(data, env={}).users["u"].scram_verifier == VERIFIER
+
+
+def test_auth_rules_skip_the_database_check_when_databases_are_invalid() -> None:
+    errors = errors_of(config_with(auth_rules=[{"method": "md5", "database": "x"}], databases=[]))
+    assert errors == ["databases: must be a mapping of database names, got list"]
+
+
+def test_auth_rules_errors_are_all_collected() -> None:
+    rules = [
+        {"method": "md6", "address": ["10.0.0.1/8", "x"], "database": ["apdb", 3], "foo": 1},
+        "x",
+        {},
+    ]
+    assert errors_of(config_with(auth_rules=rules)) == [
+        "auth_rules[0].foo: unknown key (expected one of: method, database, user, address)",
+        "auth_rules[0].method: must be one of scram-sha-256, md5, password, trust, reject "
+        "(got 'md6')",
+        "auth_rules[0].database[0]: no database 'apdb' in databases (did you mean 'appdb'?)",
+        "auth_rules[0].database[1]: must be a database name, a list of names, or all (got 3)",
+        "auth_rules[0].address[0]: 10.0.0.1/8 has host bits set (did you mean 10.0.0.0/8?)",
+        "auth_rules[0].address[1]: must be an address in CIDR notation like 10.0.0.0/8 or "
+        "::1/128, or all (got 'x')",
+        "auth_rules[1]: must be a mapping like {method: ..., database: ..., user: ..., "
+        "address: ...}, got string",
+        "auth_rules[2].method: required: one of scram-sha-256, md5, password, trust, reject",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rule", "database", "user", "address", "expected"),
+    [
+        (AuthRule("md5"), "appdb", "app", None, True),
+        (AuthRule("md5"), "appdb", "app", "10.1.1.1", True),
+        (AuthRule("md5", databases=frozenset({"appdb"})), "otherdb", "app", "10.1.1.1", False),
+        (AuthRule("md5", users=frozenset({"app", "b"})), "appdb", "b", "10.1.1.1", True),
+        (AuthRule("md5", users=frozenset({"app"})), "appdb", "App", "10.1.1.1", False),
+        (AuthRule("md5", networks=(ip_network("10.0.0.0/8"),)), "x", "y", "10.1.1.1", True),
+        (AuthRule("md5", networks=(ip_network("10.0.0.0/8"),)), "x", "y", "11.0.0.1", False),
+        (AuthRule("md5", networks=(ip_network("10.0.0.0/8"),)), "x", "y", "::1", False),
+        (AuthRule("md5", networks=(ip_network("10.0.0.0/8"),)), "x", "y", None, False),
+        (AuthRule("md5", networks=(ip_network("::1/128"),)), "x", "y", "::1", True),
+        (
+            AuthRule("md5", networks=(ip_network("::1/128"), ip_network("fd00::/8"))),
+            "x",
+            "y",
+            "fd12::5",
+            True,
+        ),
+    ],
+)
+def test_auth_rule_matches(
+    rule: AuthRule, database: str, user: str, address: str | None, expected: bool
+) -> None:
+    addr = None if address is None else ip_address(address)
+    assert rule.matches(database, user, addr) is expected
+
+
+def test_client_limits_and_inheritance() -> None:
+    data = {
+        "max_user_client_connections": 10,
+        "max_db_client_connections": 20,
+        "users": {
+            "a": {"password": "x"},
+            "b": {"password": "x", "max_client_connections": 3},
+            "c": {"password": "x", "max_client_connections": 0},
+        },
+        "databases": {
+            "inherits": {"primary": "a"},
+            "overrides": {"primary": "b", "max_db_client_connections": 5},
+            "unlimited": {"primary": "c", "max_db_client_connections": 0},
+        },
+    }
+    config = parse_config(data, env={})
+    assert (config.max_user_client_connections, config.max_db_client_connections) == (10, 20)
+    assert [u.max_client_connections for u in config.users.values()] == [None, 3, 0]
+    assert [d.max_db_client_connections for d in config.databases.values()] == [20, 5, 0]
+
+
+def test_auth_query_settings() -> None:
+    data = config_with(
+        auth_user="app",
+        auth_query="SELECT * FROM pgrouter.lookup($1)",
+        auth_dbname="appdb",
+        auth_query_ttl="0s",
+    )
+    config = parse_config(data, env={})
+    assert config.auth_user == "app"
+    assert config.auth_query == "SELECT * FROM pgrouter.lookup($1)"
+    assert (config.auth_dbname, config.auth_query_ttl) == ("appdb", 0.0)
+    config = parse_config(config_with(auth_user="app", auth_dbname=None), env={})
+    assert (config.auth_query, config.auth_dbname) == (DEFAULT_AUTH_QUERY, None)
 
 
 def test_top_level_must_be_a_mapping() -> None:

@@ -75,6 +75,9 @@ def busy_proxy() -> Proxy:
         pool.connect_failures = n
     proxy.auth_failures = 7
     proxy.cancel_requests = 2
+    proxy.login_refusals = 3
+    proxy.auth_query.lookups = 5
+    proxy.auth_query.failures = 1
     return proxy
 
 
@@ -117,6 +120,9 @@ def test_process_metrics(busy_proxy: Proxy) -> None:
     assert value(s, "pgrouter_clients_logging_in") == 1
     assert value(s, "pgrouter_auth_failures_total") == 7
     assert value(s, "pgrouter_cancel_requests_total") == 2
+    assert value(s, "pgrouter_login_refusals_total") == 3
+    assert value(s, "pgrouter_auth_query_lookups_total") == 5
+    assert value(s, "pgrouter_auth_query_failures_total") == 1
     assert value(s, "pgrouter_start_time_seconds") == pytest.approx(busy_proxy.started)
     info = [labels for name, labels in s if name == "pgrouter_build_info"]
     assert len(info) == 1

@@ -25,8 +25,11 @@ from protocol.auth import (
     AuthFailed,
     ClientAuth,
     LoginError,
+    Md5Hash,
     ScramAuthInfo,
+    ScramKeys,
     ServerLogin,
+    is_md5_hash,
     md5_password,
     parse_scram_verifier,
     scram_auth_info,
@@ -638,3 +641,91 @@ def test_server_login_bad_server_first_raises_login_error() -> None:
     login.feed(m.authentication_sasl(["SCRAM-SHA-256"]))
     with pytest.raises(LoginError):
         login.feed(m.authentication(m.AUTH_SASL_CONTINUE, b"r=notournonce,s=AAAA,i=4096"))
+
+
+# ---- md5 hashes and SCRAM pass-through ----------------------------------------------------------
+
+MD5_HASH = "md5" + hashlib.md5((PASSWORD + USER).encode()).hexdigest()
+
+
+def test_is_md5_hash() -> None:
+    assert is_md5_hash(MD5_HASH)
+    assert not is_md5_hash(MD5_HASH.upper())
+    assert not is_md5_hash(MD5_HASH[:-1])
+    assert not is_md5_hash("SCRAM-SHA-256$4096:abc")
+    assert repr(Md5Hash(MD5_HASH)) == "Md5Hash(...)"
+
+
+@pytest.mark.parametrize("method", ["plain", "md5"])
+def test_client_auth_with_an_md5_hash(method: str) -> None:
+    """A secret fetched from pg_authid as an md5 hash checks md5 and cleartext exchanges."""
+    login = ServerLogin(USER, PASSWORD, {})
+    assert pair(login, ClientAuth(method, USER, None, md5_hash=MD5_HASH)) == 1
+    check_welcome(login)
+    with pytest.raises(AuthFailed):
+        pair(ServerLogin(USER, "wrong", {}), ClientAuth(method, USER, None, md5_hash=MD5_HASH))
+
+
+def test_client_auth_cleartext_against_a_scram_verifier() -> None:
+    info = parse_scram_verifier(scramp_verifier(PASSWORD))
+    login = ServerLogin(USER, PASSWORD, {})
+    assert pair(login, ClientAuth("plain", USER, None, scram_info=info)) == 1
+    with pytest.raises(AuthFailed):
+        pair(ServerLogin(USER, "wrong", {}), ClientAuth("plain", USER, None, scram_info=info))
+    auth = ClientAuth("plain", USER, None, scram_info=info)
+    auth.start()
+    with pytest.raises(AuthFailed):
+        auth.feed(b"\xff\xfe\0")  # not UTF-8: no match, no exception
+
+
+def test_client_auth_without_any_secret_fails() -> None:
+    for method in ("plain", "md5"):
+        auth = ClientAuth(method, USER, None)
+        auth.start()
+        with pytest.raises(AuthFailed):
+            auth.feed(b"md5" + b"0" * 32 + b"\0")
+
+
+def test_scram_pass_through() -> None:
+    """The keys learned from a client's exchange log in to a server with the same verifier,
+    and only to it."""
+    verifier = pg_verifier(PASSWORD.encode(), os.urandom(16))
+    info = parse_scram_verifier(verifier)
+    first = ClientAuth("scram-sha-256", USER, None, scram_info=info)
+    assert first.scram_keys is None  # nothing learned before the exchange
+    pair(ServerLogin(USER, PASSWORD, {}), first)
+    keys = first.scram_keys
+    assert keys is not None and PASSWORD not in repr(keys)
+    assert hashlib.sha256(keys.client_key).digest() == info[1]
+    assert keys.server_key == info[2]
+
+    login = ServerLogin(USER, keys, {"database": "appdb"})
+    assert pair(login, ClientAuth("scram-sha-256", USER, None, scram_info=info)) == 2
+    check_welcome(login)
+    other = parse_scram_verifier(pg_verifier(PASSWORD.encode(), os.urandom(16)))  # new salt
+    with pytest.raises(AuthFailed):
+        pair(ServerLogin(USER, keys, {}), ClientAuth("scram-sha-256", USER, None, scram_info=other))
+
+
+def test_md5_hash_logs_in_to_an_md5_server() -> None:
+    login = ServerLogin(USER, Md5Hash(MD5_HASH), {})
+    assert pair(login, ClientAuth("md5", USER, PASSWORD)) == 1
+    check_welcome(login)
+
+
+@pytest.mark.parametrize(
+    ("secret", "method", "known"),
+    [
+        (Md5Hash(MD5_HASH), "plain", "an md5 hash"),
+        (Md5Hash(MD5_HASH), "scram-sha-256", "an md5 hash"),
+        (ScramKeys(b"k" * 32, b"s" * 32), "plain", "SCRAM keys"),
+        (ScramKeys(b"k" * 32, b"s" * 32), "md5", "SCRAM keys"),
+    ],
+)
+def test_server_login_refuses_what_the_secret_cannot_answer(
+    secret: Md5Hash | ScramKeys, method: str, known: str
+) -> None:
+    with pytest.raises(LoginError) as info:
+        pair(ServerLogin(USER, secret, {}), client_auth(method))
+    assert info.value.sqlstate == INVALID_PASSWORD
+    assert f"only {known} of the password is known" in info.value.message
