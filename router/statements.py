@@ -49,27 +49,45 @@ READY_IDLE = b"Z\x00\x00\x00\x05I"
 # Statements that may change session state: SET/RESET/DISCARD/LISTEN/... at the start of a
 # statement, or temporary objects, set_config and advisory locks anywhere. A false positive
 # costs one state check at the end of the transaction; a miss leaves that state untracked
-# (state changed inside a DO block or a procedure is not seen).
-_STATE_WORDS = (
-    rb"(?:\s|--[^\n]*\n|/\*.*?\*/)*"
-    rb"(?:set|reset|discard|listen|unlisten|prepare|deallocate|declare|close|drop)\b"
-    rb"|\btemp(?:orary)?\b|\bset_config\s*\(|advisory_(?:un)?lock"
-)
-STATE_IN_TEXT = re.compile(rb"(?:\A|;)" + _STATE_WORDS, re.I | re.S)
-# In a chunk that starts with a Query, or with a Parse (after its statement name).
-_STATE_IN_QUERY = re.compile(rb"(?:\A(?:Q.{4}|P.{4}[^\x00]*\x00)|;)" + _STATE_WORDS, re.I | re.S)
-# A much cheaper test every such statement passes (on lower-cased bytes; case-insensitive
-# alternations are slow in `re`): most queries never reach the exact one above.
+# (state changed inside a DO block or a procedure is not seen). Every test runs on lower-cased
+# bytes, cheapest first: most queries stop at the first one.
 _MAYBE_STATE = re.compile(
     rb"set|listen|temp|prepare|deallocate|declare|discard|advisory|close|drop"
 )
+_STATEMENT_START = re.compile(
+    rb"\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*"
+    rb"(?:set|reset|discard|listen|unlisten|prepare|deallocate|declare|close|drop)\b",
+    re.S,
+)
+_TEMPORARY = re.compile(rb"\btemp(?:orary)?\b")
+
+
+def _touches(low: bytes, start: int) -> bool:
+    """`low`: lower-cased SQL beginning at `start`."""
+    if _MAYBE_STATE.search(low, start) is None:
+        return False
+    if b"set_config" in low or b"advisory_" in low:
+        return True
+    if b"temp" in low and _TEMPORARY.search(low, start) is not None:
+        return True
+    at = start - 1  # each statement starts at the beginning or after a semicolon
+    while True:
+        if _STATEMENT_START.match(low, at + 1) is not None:
+            return True
+        at = low.find(b";", at + 1)
+        if at < 0:
+            return False
+
+
+def text_touches_state(text: bytes) -> bool:
+    """Whether SQL text may change session state."""
+    return _touches(text.lower(), 0)
 
 
 def query_touches_state(chunk: bytes) -> bool:
     """Whether a chunk starting with a Query or Parse message may change session state."""
-    return (
-        _MAYBE_STATE.search(chunk.lower()) is not None and _STATE_IN_QUERY.search(chunk) is not None
-    )
+    low = chunk.lower()
+    return _touches(low, 5 if chunk[0] == 81 else low.find(0, 5) + 1)
 
 
 # Custom (dotted) setting names, which pg_settings does not list: read back by name.
@@ -106,7 +124,7 @@ class Statement:
         self.parse = _message(_P, name + b"\x00" + body)
         text = body[: body.index(0)]
         self.sql = text.decode("utf-8", "replace")
-        self.touches = STATE_IN_TEXT.search(text) is not None
+        self.touches = text_touches_state(text)
 
 
 class StatementRegistry:
@@ -477,7 +495,7 @@ class ClientStatements:
         """Note statements that may change session state. DEALLOCATE and DISCARD ALL also
         apply to protocol-level statements: a DEALLOCATE of one is rewritten to our name
         (returned with what must precede it), the others are forgotten."""
-        if _MAYBE_STATE.search(text.lower()) is None or STATE_IN_TEXT.search(text) is None:
+        if not text_touches_state(text):
             return None
         self._touch(text)
         if _DISCARD_ALL.match(text):
