@@ -56,6 +56,9 @@ _I = 73  # 'I': idle, outside a transaction
 FATAL_LINGER = 1.0  # seconds a connection stays half-closed after a FATAL error
 GUARD_LIMIT = 64 * 1024  # a replica reply held longer than this is forwarded as it is
 _RETRY_SQLSTATES = frozenset({"25006", "40001"})  # read-only transaction, recovery conflict
+# A prepared statement from before a schema change: prepared afresh and run again.
+_STALE_MESSAGE = "cached plan must not change result type"
+STALE_PLAN = "stale"
 
 
 def _refusal(out: bytes | bytearray) -> str | None:
@@ -68,7 +71,10 @@ def _refusal(out: bytes | bytearray) -> str | None:
         if end > n:
             return None
         if kind == 69:  # ErrorResponse
-            code = e.parse_error_fields(bytes(out[pos + 5 : end])).get("C", "")
+            fields = e.parse_error_fields(bytes(out[pos + 5 : end]))
+            code = fields.get("C", "")
+            if code == "0A000" and fields.get("M", "").startswith(_STALE_MESSAGE):
+                return STALE_PLAN
             return code if code in _RETRY_SQLSTATES else ""
         if kind not in _HELD_KINDS:
             return ""
@@ -80,6 +86,7 @@ def _refusal(out: bytes | bytearray) -> str | None:
 # ParameterDescription, NoData.
 _HELD_KINDS = frozenset(b"TNS12tn")
 _SYNC = b"S\x00\x00\x00\x04"
+_DESCRIBE_PORTAL = b"D\x00\x00\x00\x06P\x00"  # the unnamed portal's row description
 
 
 def _ends_at_sync(buf: bytearray) -> bool:
@@ -208,6 +215,7 @@ class ClientSession(asyncio.Protocol):
         "_guard_out",
         "_guard_retry",
         "_guard_sql",
+        "_guard_stale",
         "_reader",
         "_server_transport",
         "_startup",
@@ -269,6 +277,7 @@ class ClientSession(asyncio.Protocol):
         self._guard_sql = ""
         self._guard_out = bytearray()  # the replica's reply, held until it is not a refusal
         self._guard_retry = False
+        self._guard_stale: Statement | None = None  # the statement of a held Bind..Sync
         self.session_mode = False
         self.statement_mode = False
         self.server: ServerConnection | None = None
@@ -688,6 +697,18 @@ class ClientSession(asyncio.Protocol):
             if target is True:
                 continue  # answered here (SET pgrouter.route); look at what follows
             assert isinstance(target, Pool)
+            if (
+                self.statements is not None
+                and self.pending == 1
+                and buf.endswith(_SYNC)
+                and _DESCRIBE_PORTAL in buf
+            ):
+                # One autocommit Bind..Sync of a prepared statement, whose client asks for the
+                # row description (so a new one is fine): held until it is clear the server's
+                # copy was not made stale by a schema change.
+                self._guard_stale = self.statements.bound(buf)
+                if self._guard_stale is not None:
+                    self._guard = bytes(buf)
             self._acquire(target, None)
             return
 
@@ -815,11 +836,14 @@ class ClientSession(asyncio.Protocol):
     def server_ready(self, data: bytes, count: int) -> None:
         """Forward a chunk that ended `count` queries; release the server if the transaction
         is over."""
-        if self._guard is not None:
-            self._guarded_reply(data, count)
-            return
         if self.statements is not None:
             data = self.statements.replies(data, count)
+        if self._guard is not None:
+            self._guarded_reply(data, count)
+        else:
+            self._ready(data, count)
+
+    def _ready(self, data: bytes, count: int) -> None:
         server: ServerConnection = self.server  # type: ignore[assignment]  # linked
         idle = server.scanner.status == _I
         if not idle and self.statement_mode:
@@ -934,11 +958,11 @@ class ClientSession(asyncio.Protocol):
 
     def server_data(self, data: bytes) -> None:
         """Forward a chunk from the server that ends no query (rows of a large result)."""
+        if self.statements is not None:
+            data = self.statements.replies(data, 0)
         if self._guard is not None:
             self._guarded_reply(data, 0)
             return
-        if self.statements is not None:
-            data = self.statements.replies(data, 0)
         self.transport.write(data)
         self.pool.bytes_sent += len(data)  # type: ignore[union-attr]  # set at login
 
@@ -950,10 +974,7 @@ class ClientSession(asyncio.Protocol):
             out = self._guard_out
             if not out and _refusal(data) == "":  # the usual case: results from the start
                 self._guard = None
-                if count:
-                    self.server_ready(data, count)
-                else:
-                    self.server_data(data)
+                self._unguarded(data, count)
                 return
             out += data
             refusal = _refusal(out)
@@ -963,14 +984,15 @@ class ClientSession(asyncio.Protocol):
                 self._guard = None
                 held = bytes(out)
                 out.clear()
-                if count:
-                    self.server_ready(held, count)
-                else:
-                    self.server_data(held)
+                self._unguarded(held, count)
                 return
             self._guard_retry = True
-            assert self.router is not None
-            self.router.misrouted(self._guard_sql, refusal)
+            if refusal == STALE_PLAN:
+                assert self.statements is not None and self._guard_stale is not None
+                self.statements.renew(self._guard_stale)
+            else:
+                assert self.router is not None
+                self.router.misrouted(self._guard_sql, refusal)
         if not count:
             return  # the rest of the refused reply is still coming
         query = self._guard
@@ -983,9 +1005,21 @@ class ClientSession(asyncio.Protocol):
         assert server is not None and pool is not None and self.primary_pool is not None
         self._unlink()
         pool.release(server)
-        self.pending += 1  # the same query, once more, on the primary
-        self._txn_writes = True
+        self.pending += 1  # the same query, once more
+        if self._guard_stale is not None:  # prepared afresh, on any server of the same pool
+            self._guard_stale = None
+            self._acquire(pool, query)
+            return
+        self._txn_writes = True  # on the primary
         self._acquire(self.primary_pool, query)
+
+    def _unguarded(self, data: bytes, count: int) -> None:
+        self._guard_stale = None
+        if count:
+            self._ready(data, count)
+        else:
+            self.transport.write(data)
+            self.pool.bytes_sent += len(data)  # type: ignore[union-attr]  # set at login
 
     def _unlink(self) -> None:
         server = self.server

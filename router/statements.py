@@ -150,6 +150,17 @@ class StatementRegistry:
     def known(self, body: bytes) -> Statement | None:
         return self._by_body.get(body)
 
+    def renew(self, old: Statement) -> Statement:
+        """The text's statement under a new name: copies prepared before a schema change
+        are left to eviction, and every server prepares the new one afresh."""
+        current = self._by_body.get(old.body)
+        if current is None or current is old:
+            self._next += 1
+            current = Statement(b"pgrouter_%x" % self._next, old.body)
+            current.valid = old.valid
+            self._by_body[old.body] = current
+        return current
+
     def __len__(self) -> int:
         return len(self._by_body)
 
@@ -269,6 +280,20 @@ class ClientStatements:
             return e.error_response("42P05", message) + READY_IDLE
         self.names[name] = statement
         return PARSE_COMPLETE + READY_IDLE
+
+    def bound(self, buf: bytearray) -> Statement | None:
+        """The statement a batch starting with a Bind binds, if it is one of ours."""
+        if buf[0] != _B:
+            return None
+        name_at = buf.index(0, 5) + 1
+        return self.names.get(bytes(buf[name_at : buf.index(0, name_at)]))
+
+    def renew(self, old: Statement) -> None:
+        """`old` went stale on a server: this client's names move to a fresh copy."""
+        new = self.registry.renew(old)
+        for name, statement in self.names.items():
+            if statement is old:
+                self.names[name] = new
 
     def reset(self) -> None:
         """Nothing is in flight any more (the client's pending work was dropped)."""
