@@ -68,6 +68,7 @@ class Verdict:
     hint: Target | None = None
     begins: bool = False
     read_only_txn: bool = False
+    default_access: bool = False  # BEGIN without READ ONLY/WRITE: the session default decides
     ends: bool = False
     writes_catalog: bool = False
     sets_route: Target | str | None = None
@@ -424,6 +425,22 @@ def _txn_read_only(options: Any) -> bool:
     return read_only
 
 
+def _default_access(options: Any) -> bool:
+    """True when transaction options leave the access mode (and serializable) to the session."""
+    if not options:
+        return True
+    if type(options) is not list:
+        return False
+    for item in options:
+        elem = item.get("DefElem") if type(item) is dict else None
+        if type(elem) is not dict or elem.get("defname") == "transaction_read_only":
+            return False
+        value = (_const_text(elem.get("arg")) or "").lower()
+        if elem.get("defname") == "transaction_isolation" and value == "serializable":
+            return False
+    return True
+
+
 _SET_SCOPE_TOKENS: Final = frozenset({"SESSION", "LOCAL"})
 _COMMENT_TOKENS: Final = frozenset({"C_COMMENT", "SQL_COMMENT"})
 
@@ -669,11 +686,13 @@ class Classifier:
         if kind == "TransactionStmt":
             txn = body.get("kind")
             if txn in _TXN_BEGIN:
+                options = body.get("options")
                 return Verdict(
                     False,
                     "transaction_control",
                     begins=True,
-                    read_only_txn=_txn_read_only(body.get("options")),
+                    read_only_txn=_txn_read_only(options),
+                    default_access=_default_access(options),
                 )
             return Verdict(False, "transaction_control", ends=txn in _TXN_END)
         if kind == "VariableSetStmt":

@@ -142,6 +142,7 @@ class State(enum.Enum):
 
 
 UNKNOWN_SETTINGS = "\0unknown"
+_TRUE_SETTINGS = frozenset({"on", "true", "yes", "1", "t", "y"})
 
 
 def quote_literal(value: str) -> str:
@@ -736,12 +737,15 @@ class ClientSession(asyncio.Protocol):
             router.catalog_changed()
             self._txn_ddl = True
         # Everything buffered goes to one server: all of it must be provably read-only.
-        read = (first.read_only or (first.begins and first.read_only_txn)) and all(
+        read_only_txn = first.read_only_txn or (first.default_access and self._read_only_default)
+        read = (first.read_only or (first.begins and read_only_txn)) and all(
             v.read_only for v in verdicts[1:]
         )
         hinted = Target.PRIMARY in (first.hint, self.route_override)
         if not read or hinted:
             router.to_primary += 1
+            if all(v.reason == "set" for v in verdicts):
+                self._txn_writes = False  # writes nothing: later reads need not wait for it
             return self.primary_pool
         self._txn_writes = False
         endpoint = router.read_endpoint(self.reader, self.user)
@@ -873,6 +877,16 @@ class ClientSession(asyncio.Protocol):
             pool.release(server)
 
     # ---- session state ------------------------------------------------------------------------
+
+    @property
+    def _read_only_default(self) -> bool:
+        """The session's transactions are READ ONLY unless they say otherwise (and not
+        SERIALIZABLE, which a hot standby refuses)."""
+        settings = self.settings
+        return (
+            settings.get("default_transaction_read_only", "").lower() in _TRUE_SETTINGS
+            and settings.get("default_transaction_isolation", "").lower() != "serializable"
+        )
 
     @property
     def touched(self) -> bool:

@@ -656,3 +656,43 @@ def test_a_leaving_client_takes_its_pinned_state_along(
             "(SELECT count(*) FROM pg_prepared_statements WHERE from_sql)"
         ).fetchone()
         assert row == (APP_USER, server_default(cluster, "work_mem"), None, 0, 0, 0)
+
+
+def test_read_only_sessions_send_transactions_to_replicas(proxy_factory: Any) -> None:
+    """default_transaction_read_only, set with SET or in the startup packet, sends explicit
+    transactions that leave the access mode open to a replica; READ WRITE ones and sessions
+    without it stay on the primary."""
+    from tests.integration.test_prepared import ROUTED, wait_routing
+
+    proxy = proxy_factory(ROUTED, pool_size=2)
+    wait_routing(proxy)
+
+    def in_transaction(conn: psycopg.Connection[Any], begin: str = "BEGIN") -> bool:
+        conn.execute(begin)
+        on_replica = bool(one(conn, "SELECT pg_is_in_recovery()"))
+        conn.execute("COMMIT")
+        return on_replica
+
+    def settled(conn: psycopg.Connection[Any]) -> bool:
+        """Replicas are used once they replayed what this client may have written."""
+        deadline = time.monotonic() + 5
+        while not in_transaction(conn):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return all(in_transaction(conn) for _ in range(5))
+
+    with connect(proxy, prepare_threshold=None) as conn:
+        assert not in_transaction(conn), "a read-write session's BEGIN goes to the primary"
+        conn.execute("SET default_transaction_read_only = on")
+        assert settled(conn)
+        assert not in_transaction(conn, "BEGIN READ WRITE")
+        conn.execute("RESET default_transaction_read_only")
+        assert not any(in_transaction(conn) for _ in range(5))
+    options = "-c default_transaction_read_only=on"
+    with connect(proxy, prepare_threshold=None, options=options) as conn:
+        assert settled(conn)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("BEGIN")
+            conn.execute("CREATE TEMP TABLE ro_refused (x int)")
+        conn.execute("ROLLBACK")

@@ -781,3 +781,25 @@ def test_oracle_flags_known_writes(sql: str) -> None:
     oracle = _Oracle()
     oracle(parse_sql(sql))
     assert oracle.problems, sql
+
+
+@pytest.mark.parametrize(
+    ("sql", "default_access"),
+    [
+        ("BEGIN", True),
+        ("START TRANSACTION", True),
+        ("BEGIN ISOLATION LEVEL REPEATABLE READ", True),
+        ("BEGIN READ WRITE", False),
+        ("BEGIN READ ONLY", False),
+        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", False),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY", False),
+        ("COMMIT", False),
+        ("SELECT 1", False),
+    ],
+)
+def test_begin_leaves_access_mode_to_the_session(
+    clf: Classifier, sql: str, default_access: bool
+) -> None:
+    """Only a BEGIN naming neither an access mode nor SERIALIZABLE follows the session's
+    default_transaction_read_only."""
+    assert clf.classify(sql).default_access is default_access
