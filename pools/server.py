@@ -47,6 +47,7 @@ class ServerConnection(asyncio.Protocol):
         "_hidden",
         "_hidden_done",
         "_hidden_errors",
+        "_hidden_left",
         "_hidden_rows",
         "backend_key",
         "client",
@@ -89,6 +90,7 @@ class ServerConnection(asyncio.Protocol):
         self._hidden_rows: list[list[str | None]] = []
         self._hidden_errors: list[dict[str, str]] = []
         self._hidden_done: HiddenDone | None = None
+        self._hidden_left = 0  # hidden queries still to be answered
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
@@ -182,9 +184,9 @@ class ServerConnection(asyncio.Protocol):
 
     # ---- hidden queries -----------------------------------------------------------------------
 
-    def run_hidden(self, sql: str, done: HiddenDone | None = None) -> None:
-        """Send a simple query whose replies are swallowed; `done(errors, rows)` at its
-        ReadyForQuery.
+    def run_hidden(self, sql: str | list[str], done: HiddenDone | None = None) -> None:
+        """Send simple queries (each its own transaction) whose replies are swallowed;
+        `done(errors, rows)` at the last one's ReadyForQuery.
 
         ParameterStatus replies still go to a linked client, since they describe the session
         it is using.
@@ -194,7 +196,9 @@ class ServerConnection(asyncio.Protocol):
         self._hidden_errors = []
         self._hidden_rows = []
         self._hidden_done = done
-        self.transport.write(m.query(sql))
+        queries = [sql] if isinstance(sql, str) else sql
+        self._hidden_left = len(queries)
+        self.transport.write(b"".join(m.query(q) for q in queries))
 
     async def query(self, sql: str) -> list[list[str | None]]:
         """Rows of a simple query on an unlinked connection (health and LSN checks)."""
@@ -219,7 +223,9 @@ class ServerConnection(asyncio.Protocol):
         reader.feed(data)
         while (msg := reader.next()) is not None:
             kind, body = msg
-            if kind == 90:  # 'Z'
+            if kind == 90 and self._hidden_left > 1:  # 'Z' of one of several
+                self._hidden_left -= 1
+            elif kind == 90:
                 self._hidden = None
                 self.scanner.status = body[0]
                 rest = reader.take_rest()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import re
 import secrets
 import time
 from typing import TYPE_CHECKING, cast
@@ -143,6 +144,9 @@ class State(enum.Enum):
 
 UNKNOWN_SETTINGS = "\0unknown"
 _TRUE_SETTINGS = frozenset({"on", "true", "yes", "1", "t", "y"})
+_PLAIN_END = re.compile(
+    r"\s*(?:commit|end|rollback|abort)(?:\s+(?:work|transaction))?\s*;?\s*\Z", re.I
+)
 
 
 def quote_literal(value: str) -> str:
@@ -217,6 +221,7 @@ class ClientSession(asyncio.Protocol):
         "_guard_retry",
         "_guard_sql",
         "_guard_stale",
+        "_held_begin",
         "_reader",
         "_server_transport",
         "_startup",
@@ -279,6 +284,7 @@ class ClientSession(asyncio.Protocol):
         self._guard_out = bytearray()  # the replica's reply, held until it is not a refusal
         self._guard_retry = False
         self._guard_stale: Statement | None = None  # the statement of a held Bind..Sync
+        self._held_begin: str | None = None  # a BEGIN answered here, not yet sent
         self.session_mode = False
         self.statement_mode = False
         self.server: ServerConnection | None = None
@@ -733,14 +739,28 @@ class ClientSession(asyncio.Protocol):
         if first.sets_route is not None and buf[0] == 81 and len(verdicts) == 1:
             self._set_route(first.sets_route, 1 + int.from_bytes(buf[1:5], "big"))
             return True
+        whole = 1 + int.from_bytes(buf[1:5], "big") == len(buf)
+        single = buf[0] == 81 and len(verdicts) == 1 and whole  # one Query, one statement
+        held = self._held_begin
+        if held is None:
+            read_only_txn = first.read_only_txn or (
+                first.default_access and self._read_only_default
+            )
+            if single and first.begins and not read_only_txn and not self.statement_mode:
+                self._hold_begin(statements[0])
+                return True
+        elif single and _PLAIN_END.match(statements[0]):
+            self._end_held(statements[0])
+            return True
         if any(v.writes_catalog for v in verdicts):
             router.catalog_changed()
             self._txn_ddl = True
         # Everything buffered goes to one server: all of it must be provably read-only.
-        read_only_txn = first.read_only_txn or (first.default_access and self._read_only_default)
-        read = (first.read_only or (first.begins and read_only_txn)) and all(
-            v.read_only for v in verdicts[1:]
-        )
+        if held is None:
+            read = first.read_only or (first.begins and read_only_txn)
+        else:  # BEGIN; SET TRANSACTION READ ONLY
+            read = first.read_only_txn and first.reason == "set"
+        read = read and all(v.read_only for v in verdicts[1:])
         hinted = Target.PRIMARY in (first.hint, self.route_override)
         if not read or hinted:
             router.to_primary += 1
@@ -751,24 +771,52 @@ class ClientSession(asyncio.Protocol):
         endpoint = router.read_endpoint(self.reader, self.user)
         if endpoint is None:
             return self.primary_pool
-        if tracked is None and self.pending == 1 and not first.begins and _ends_at_sync(buf):
+        if (
+            tracked is None
+            and held is None
+            and self.pending == 1
+            and not first.begins
+            and _ends_at_sync(buf)
+        ):
             self._guard = bytes(buf)  # kept for a retry on the primary if the replica refuses
             self._guard_sql = statements[0]
         assert self.database is not None
         return self.proxy.pool_for(self.database, self.user, endpoint)
+
+    def _hold_begin(self, sql: str) -> None:
+        """A lone BEGIN: answered here and sent with the transaction's first statement, which
+        decides where it runs (SET TRANSACTION READ ONLY: a replica)."""
+        end = len(self.buffer)
+        self.buffer.clear()
+        self._dropped(end)
+        self.pending -= 1
+        self._held_begin = sql
+        self.transport.write(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
+
+    def _end_held(self, sql: str) -> None:
+        """COMMIT or ROLLBACK of a transaction that never reached a server."""
+        end = len(self.buffer)
+        self.buffer.clear()
+        self._dropped(end)
+        self.pending -= 1
+        self._held_begin = None
+        word = sql.split(None, 1)[0].lower().rstrip(";")
+        tag = "ROLLBACK" if word in ("rollback", "abort") else "COMMIT"
+        self.transport.write(m.command_complete(tag) + m.READY_IDLE)
 
     def _set_route(self, value: Target | str, end: int) -> None:
         """SET pgrouter.route = primary | replica | auto, answered without a server."""
         del self.buffer[:end]
         self._dropped(end)
         self.pending -= 1
+        status = b"I" if self._held_begin is None else b"T"
         if value in (Target.PRIMARY, Target.REPLICA, "auto"):
             # "replica" is the default behaviour: reads may use replicas, writes never do.
             self.route_override = value if value is Target.PRIMARY else None
-            self.transport.write(m.command_complete("SET") + m.READY_IDLE)
+            self.transport.write(m.command_complete("SET") + m.ready_for_query(status))
         else:
             message = f'invalid value for parameter "pgrouter.route": "{value}"'
-            self.transport.write(e.error_response("22023", message) + m.READY_IDLE)
+            self.transport.write(e.error_response("22023", message) + m.ready_for_query(status))
 
     def server_assigned(self, server: ServerConnection, data: bytes | None = None) -> None:
         """The pool's answer: link, bring the server's settings in line, send the bytes
@@ -781,13 +829,18 @@ class ClientSession(asyncio.Protocol):
         self.server = server
         self._server_transport = server.transport
         server.client = self
+        hidden: list[str] = []
         if server.settings != self.settings:
-            sql = settings_sql(server.settings, self.settings)
+            hidden.append(settings_sql(server.settings, self.settings))
             server.settings = dict(self.settings)
-            server.run_hidden(sql, lambda errors, _rows: self._settings_applied(server, errors))
             self._canonical = True  # the server reports the canonical values itself
         elif not self._canonical:
             self._report_canonical(server)
+        if self._held_begin is not None:  # its reply was already given; after the settings,
+            hidden.append(self._held_begin)  # in a transaction of its own: they may change it
+            self._held_begin = None
+        if hidden:
+            server.run_hidden(hidden, lambda errors, _rows: self._settings_applied(server, errors))
         if self.paused:
             server.pause_reading()
         if data is None:

@@ -562,32 +562,13 @@ def _check_read_only_transactions(
     )
 
 
-@pytest.mark.parametrize(
-    "start",
-    [
-        pytest.param(
-            v,
-            id=k,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="not built yet: a plain BEGIN is not held until SET TRANSACTION READ ONLY",
-            )
-            if k == "set_transaction_read_only"
-            else (),
-        )
-        for k, v in READ_ONLY_STARTS.items()
-    ],
-)
+@pytest.mark.parametrize("start", list(READ_ONLY_STARTS.values()), ids=list(READ_ONLY_STARTS))
 def test_read_only_transaction_on_one_replica(
     start: tuple[str, ...], routed_proxy: ProxyProcess
 ) -> None:
     _check_read_only_transactions(routed_proxy, start)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not built yet: session SETs (default_transaction_read_only) are not tracked (issue 5)",
-)
 def test_default_transaction_read_only_session(proxy_factory: Any, objects: None) -> None:
     """A session with default_transaction_read_only = on: its transactions may use a replica,
     and the setting never leaks to another client sharing the servers."""
