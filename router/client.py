@@ -577,6 +577,10 @@ class ClientSession(asyncio.Protocol):
         self.pool = self.primary_pool = self.proxy.pool_for(self.database, self.user)
         if not self.session_mode:
             self.router = self.proxy.router_for(self.database)
+            if self.router is not None:
+                peer = self.transport.get_extra_info("peername")
+                host = peer[0] if isinstance(peer, tuple) else str(peer)
+                self.reader = self.router.reader_for(self.user, host)
         self.key = self.proxy.register_cancel_key(self)
         if self.pool.parameters is not None:
             self._welcome()

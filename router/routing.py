@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import structlog
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("pgrouter.routing")
 CATALOG_REFRESH = 30.0  # seconds between re-reads of the database's VOLATILE functions
+MAX_SHARED_READERS = 100_000  # (user, address) read-your-writes states kept, least recent dropped
 
 
 class Reader:
@@ -57,6 +59,23 @@ class Router:
         self.misroutes = 0  # a replica refused a read: retried on the primary
         self.catalog_waits = 0  # read-only, held on the primary until pg_proc was read
         self._misrouted: set[str] = set()
+        self._readers: OrderedDict[tuple[str, str], Reader] = OrderedDict()
+
+    def reader_for(self, user: str, address: str) -> Reader:
+        """The read-your-writes state a client starts with: its own, or with
+        `read_your_writes_scope: user_address` the one every connection of that user from that
+        address shares (connect-per-request clients read what their last request wrote)."""
+        if self.routing.read_your_writes_scope != "user_address":
+            return Reader()
+        key = (user, address)
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = self._readers[key] = Reader()
+            if len(self._readers) > MAX_SHARED_READERS:
+                self._readers.popitem(last=False)
+        else:
+            self._readers.move_to_end(key)
+        return reader
 
     @property
     def primary(self) -> BackendMonitor | None:

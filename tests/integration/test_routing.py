@@ -754,7 +754,6 @@ def test_read_your_writes_off_can_miss(proxy_factory: Any, cluster: Any, objects
     assert misses > 0, "read_your_writes: off never read stale data from the delayed replica"
 
 
-@pytest.mark.xfail(strict=True, reason="not built yet: read_your_writes_scope user_address")
 def test_read_your_writes_user_address_scope(
     proxy_factory: Any, cluster: Any, objects: None
 ) -> None:
