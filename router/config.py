@@ -228,6 +228,10 @@ class Routing:
     read_your_writes_scope: str = "connection"
     max_replica_lag_bytes: int | None = DEFAULT_MAX_REPLICA_LAG_BYTES
     max_replica_lag_seconds: float | None = None
+    # Function names (bare, or schema.name) the classifier takes as read-only although they
+    # are VOLATILE, and as writers although they are not; writers win.
+    read_only_functions: frozenset[str] = frozenset()
+    writing_functions: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,7 +407,15 @@ _DATABASE_KEYS = (
     "max_db_client_connections",
     "routing",
 )
-_ROUTING_KEYS = ("reads", "read_your_writes", "read_your_writes_scope", "max_replica_lag")
+_ROUTING_KEYS = (
+    "reads",
+    "read_your_writes",
+    "read_your_writes_scope",
+    "max_replica_lag",
+    "read_only_functions",
+    "writing_functions",
+)
+_FUNCTION_NAME = re.compile(r"(?:[a-z_][a-z0-9_$]*\.)?[a-z_][a-z0-9_$]*\Z")
 _ENDPOINT_KEYS = ("host", "port", "weight")
 _USER_KEYS = ("password", "password_env", "max_client_connections")
 _RULE_KEYS = ("method", "database", "user", "address")
@@ -716,7 +728,27 @@ def _routing(ck: _Checker, path: str, value: object) -> Routing:
         read_your_writes_scope=scope,
         max_replica_lag_bytes=lag_bytes,
         max_replica_lag_seconds=lag_seconds,
+        read_only_functions=_function_names(ck, _join(path, "read_only_functions"), data),
+        writing_functions=_function_names(ck, _join(path, "writing_functions"), data),
     )
+
+
+def _function_names(ck: _Checker, path: str, data: Mapping[str, Any]) -> frozenset[str]:
+    """A list of function names, lower-cased: `name` or `schema.name`."""
+    value = data.get(path.rpartition(".")[2], _MISSING)
+    if value is _MISSING or value is None:
+        return frozenset()
+    if not isinstance(value, list):
+        ck.error(path, f"must be a list of function names, got {_type_name(value)}")
+        return frozenset()
+    names = set()
+    for i, item in enumerate(value):
+        name = item.strip().lower() if isinstance(item, str) else ""
+        if not _FUNCTION_NAME.match(name):
+            ck.error(f"{path}[{i}]", f"must be a function name, f or schema.f (got {_show(item)})")
+            continue
+        names.add(name)
+    return frozenset(names)
 
 
 def _database(ck: _Checker, path: str, name: str, value: object, top: Config) -> Database | None:

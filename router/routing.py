@@ -45,7 +45,9 @@ class Router:
         self.database = database
         self.routing = database.routing
         self.login = login
-        self.classifier = Classifier()
+        self.classifier = Classifier(
+            allow=self.routing.read_only_functions, deny=self.routing.writing_functions
+        )
         self.catalog_known = False  # until pg_proc was read: every read goes to the primary
         self._catalog_generation = 0
         self._refresh = asyncio.Event()

@@ -1002,3 +1002,22 @@ def test_no_replica_qualifies_reads_go_to_primary(
             )
             time.sleep(0.1)
     assert rows == [(1, False)] * 5, f"reads with both replicas paused after a write: {rows}"
+
+
+def test_function_lists(proxy_factory: Any, cluster: Any, objects: None) -> None:
+    """routing.read_only_functions lets a VOLATILE function that only reads use replicas;
+    routing.writing_functions keeps a function that looks harmless on the primary."""
+    volatile = f"rt_vol_{_SUFFIX}"
+    primary_sql(
+        cluster,
+        f"CREATE OR REPLACE FUNCTION {volatile}() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 1'",
+    )
+    cluster.wait_replicated()
+    proxy = start_routed(proxy_factory, read_only_functions=[volatile], writing_functions=["abs"])
+    with connect(proxy) as conn:
+        deadline = time.monotonic() + 10
+        while conn.execute(f"SELECT {volatile}(), {_RIR}").fetchone() != (1, True):
+            assert time.monotonic() < deadline, "an allowed VOLATILE function never used a replica"
+            time.sleep(0.05)
+        for _ in range(10):
+            assert conn.execute(f"SELECT abs(-1), {_RIR}").fetchone() == (1, False)

@@ -297,6 +297,14 @@ def test_endpoint_address() -> None:
         ),
         ({"max_replica_lag": "off"}, Routing(max_replica_lag_bytes=None)),
         ({"max_replica_lag": None}, Routing(max_replica_lag_bytes=None)),
+        (
+            {"read_only_functions": ["Report_Total", "app.now_ish"], "writing_functions": []},
+            Routing(read_only_functions=frozenset({"report_total", "app.now_ish"})),
+        ),
+        (
+            {"writing_functions": ["audit_read"]},
+            Routing(writing_functions=frozenset({"audit_read"})),
+        ),
     ],
 )
 def test_routing(routing: object, expected: Routing) -> None:
@@ -420,7 +428,7 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "unknown key without a close match",
         db_with(routing={"zzz": 1}),
         "databases.appdb.routing.zzz: unknown key (expected one of: reads, read_your_writes, "
-        "read_your_writes_scope, max_replica_lag)",
+        "read_your_writes_scope, max_replica_lag, read_only_functions, writing_functions)",
     ),
     (
         "unknown endpoint key",
@@ -512,6 +520,17 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "routing.reads",
         db_with(routing={"reads": "replica"}),
         "databases.appdb.routing.reads: must be one of replicas, primary, any (got 'replica')",
+    ),
+    (
+        "routing.read_only_functions",
+        db_with(routing={"read_only_functions": "f"}),
+        "databases.appdb.routing.read_only_functions: must be a list of function names",
+    ),
+    (
+        "routing.writing_functions entry",
+        db_with(routing={"writing_functions": ["ok", "not a name"]}),
+        "databases.appdb.routing.writing_functions[1]: must be a function name, f or schema.f "
+        "(got 'not a name')",
     ),
     (
         "routing.read_your_writes_scope",
