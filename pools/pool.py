@@ -98,6 +98,7 @@ class Pool:
         self.max_wait = 0.0
         self.connect_count = 0
         self.connect_failures = 0
+        self.error_counts: dict[str, int] = {}  # server errors by SQLSTATE class (shared)
 
     def welcome(self, settings: dict[str, str]) -> bytes:
         """AuthenticationOk and the ParameterStatus set a new client gets, its own settings
@@ -279,6 +280,7 @@ class Pool:
         if self.parameters is None:
             self.parameters = dict(server.parameters)
         server.on_lost = self.server_gone
+        server.error_counts = self.error_counts
         if self.closed:
             server.close()
             return

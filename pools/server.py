@@ -53,6 +53,7 @@ class ServerConnection(asyncio.Protocol):
         "client",
         "closed",
         "created",
+        "error_counts",
         "host",
         "last_used",
         "login",
@@ -80,6 +81,7 @@ class ServerConnection(asyncio.Protocol):
         self.backend_key = (0, 0)
         self.settings: dict[str, str] = {}  # session settings applied for clients (lower-case)
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # our statement names, LRU
+        self.error_counts: dict[str, int] = {}  # errors sent to clients, by SQLSTATE class
         self.created = time.monotonic()
         self.last_used = self.created
         self.closed = False
@@ -121,10 +123,14 @@ class ServerConnection(asyncio.Protocol):
                 self.scanner.feed(data)  # an idle server's notice or parameter change
                 if self.scanner.params:
                     self._take_parameters()
+                if self.scanner.errors:
+                    self._count_errors()
             return
         ready = self.scanner.feed(data)
         if self.scanner.params:
             self._take_parameters()
+        if self.scanner.errors:
+            self._count_errors()
         if ready:
             client.server_ready(data, ready)  # it forwards the data and may release us
         else:
@@ -136,6 +142,13 @@ class ServerConnection(asyncio.Protocol):
             name, value = m.parse_parameter_status(body)
             self.parameters[name] = value
         self.scanner.params.clear()
+
+    def _count_errors(self) -> None:
+        counts = self.error_counts
+        for body in self.scanner.errors:
+            sqlstate_class = parse_error_fields(body).get("C", "XX")[:2]
+            counts[sqlstate_class] = counts.get(sqlstate_class, 0) + 1
+        self.scanner.errors.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

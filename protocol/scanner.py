@@ -12,6 +12,8 @@ from protocol.errors import ProtocolViolation
 
 _Z = ord("Z")
 _S = ord("S")
+_E = ord("E")
+_KEPT = frozenset((_S, _E))  # bodies the owner reads: ParameterStatus, ErrorResponse
 _Q = ord("Q")
 _F = ord("F")
 _X = ord("X")
@@ -23,16 +25,18 @@ class BackendScanner:
     """Follows server -> client messages; counts ReadyForQuery.
 
     `status` is the transaction status byte of the last ReadyForQuery (b'I'[0], 'T', 'E').
-    `params` collects ParameterStatus bodies, which the owner drains when it cares.
+    `params` collects ParameterStatus bodies and `errors` ErrorResponse bodies, which the owner
+    drains when it cares.
     """
 
-    __slots__ = ("_need", "_partial", "params", "status")
+    __slots__ = ("_need", "_partial", "errors", "params", "status")
 
     def __init__(self) -> None:
         self._need = 0  # body bytes still to skip from the previous chunk
         self._partial = b""  # an unfinished header, or an unfinished body we must read
         self.status = 73  # 'I'
         self.params: list[bytes] = []
+        self.errors: list[bytes] = []
 
     def feed(self, data: bytes) -> int:
         """Walk one chunk; return how many ReadyForQuery messages ended in it."""
@@ -64,10 +68,10 @@ class BackendScanner:
                     break
                 self.status = data[pos + 5]
                 ready += 1
-            elif kind == _S:
+            elif kind in _KEPT:
                 if end > n:
                     break
-                self.params.append(data[pos + 5 : end])
+                (self.params if kind == _S else self.errors).append(data[pos + 5 : end])
             pos = end
         if pos > n:
             self._need = pos - n

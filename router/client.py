@@ -365,6 +365,7 @@ class ClientSession(asyncio.Protocol):
         """Send a FATAL error and close; the process and other clients carry on."""
         if self.state is State.CLOSED:
             return
+        self.proxy.count_error(sqlstate)
         transport = self.transport
         self._shut()
         if transport.is_closing():
@@ -889,6 +890,7 @@ class ClientSession(asyncio.Protocol):
         self.buffer.clear()
         if self.statements is not None:
             self.statements.reset()
+        self.proxy.count_error(sqlstate)
         out = [e.error_response(sqlstate, message)]
         out += [m.ready_for_query()] * max(self.pending, 0)
         self.pending = 0

@@ -249,6 +249,21 @@ class ProxyCollector:
             pins.add_metric([reason], proxy.pins_total[reason])
         yield pinned
         yield pins
+        errors = CounterMetricFamily(
+            "pgrouter_errors",
+            "Errors sent to clients by SQLSTATE class: from servers, or from pgrouter itself",
+            labels=["database", "source", "class"],
+        )
+        by_database: dict[tuple[str, str], int] = {}
+        for pool in proxy.pools.values():
+            for sqlstate_class, count in pool.error_counts.items():
+                key = (pool.key.database, sqlstate_class)
+                by_database[key] = by_database.get(key, 0) + count
+        for (database, sqlstate_class), count in sorted(by_database.items()):
+            errors.add_metric([database, "server", sqlstate_class], count)
+        for sqlstate_class, count in sorted(proxy.errors.items()):
+            errors.add_metric(["", "pgrouter", sqlstate_class], count)
+        yield errors
         yield GaugeMetricFamily(
             "pgrouter_prepared_statements",
             "Distinct prepared statement texts known to the proxy",

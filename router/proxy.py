@@ -50,6 +50,7 @@ class Proxy:
         self.statements = StatementRegistry()
         self.pinned: dict[str, int] = dict.fromkeys(PIN_REASONS, 0)  # clients pinned now
         self.pins_total: dict[str, int] = dict.fromkeys(PIN_REASONS, 0)
+        self.errors: dict[str, int] = {}  # errors pgrouter itself sent, by SQLSTATE class
         self._cancel_keys: dict[int, ClientSession] = {}
         self._secrets: dict[tuple[str, str], tuple[str | None, ScramAuthInfo | None]] = {}
         self._janitor: asyncio.Task[None] | None = None
@@ -245,6 +246,9 @@ class Proxy:
         self.limits.release(client)
         if self._cancel_keys.get(client.key[0]) is client:
             del self._cancel_keys[client.key[0]]
+
+    def count_error(self, sqlstate: str) -> None:
+        self.errors[sqlstate[:2]] = self.errors.get(sqlstate[:2], 0) + 1
 
     def repin(self, old: frozenset[str], new: frozenset[str]) -> None:
         """A client's pin reasons changed from `old` to `new`."""

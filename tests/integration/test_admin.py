@@ -131,6 +131,32 @@ def test_metrics_health_and_readiness(proxy_factory: Any) -> None:
     assert _get(base + "/nope")[0] == 404
 
 
+def test_errors_by_sqlstate_class_in_metrics(proxy_factory: Any) -> None:
+    """Server errors are counted by SQLSTATE class and database; pgrouter's own by class."""
+    http_port = free_port()
+    proxy = proxy_factory({"admin": {"users": [APP_USER], "http": f"127.0.0.1:{http_port}"}})
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as conn:
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("SELECT 1 / 0")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute("SELECT * FROM no_such_table_here")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(proxy.dsn(dbname="no_such_db"), connect_timeout=5)
+    status, text = _get(f"http://127.0.0.1:{http_port}/metrics")
+    assert status == 200
+    errors = {
+        (s.labels["database"], s.labels["source"], s.labels["class"]): s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "pgrouter_errors"
+        for s in f.samples
+        if s.name == "pgrouter_errors_total"
+    }
+    assert errors.get(("appdb", "server", "22")) == 3, errors  # division_by_zero: 22012
+    assert errors.get(("appdb", "server", "42")) == 1, errors  # undefined_table: 42P01
+    assert errors.get(("", "pgrouter", "3D")) == 1, errors  # invalid_catalog_name: 3D000
+
+
 @pytest.mark.timeout(60)
 def test_backends_show_roles_positions_and_lag(proxy_factory: Any, cluster: Any) -> None:
     """The monitors find the real roles and WAL positions; a held-back replica shows lag."""
