@@ -237,6 +237,10 @@ class Pool:
             self.connecting += 1
             asyncio.get_running_loop().create_task(self._connect())
 
+    def busy(self) -> int:
+        """Linked servers in the middle of a transaction or of an answer."""
+        return sum(1 for s in self.active if not s.clean or getattr(s.client, "pending", 0) > 0)
+
     def pause(self) -> None:
         """Hold new transactions (running ones finish); servers stay open."""
         self.paused = True

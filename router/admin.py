@@ -386,6 +386,7 @@ class AdminConsole:
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        self.pausing: str | None = None  # set by PAUSE: the database ("*": all) to wait for
         self._commands: dict[str, Callable[[str], bytes]] = {
             "show": self._show,
             "select": self._show,  # PgBouncer treats SELECT like SHOW
@@ -493,6 +494,7 @@ class AdminConsole:
         if paused is not None and "*" in paused:
             raise AdminError(_NOT_IN_STATE, "already suspended/paused")
         self._call(pause, database)
+        self.pausing = database or "*"  # the reply waits until running transactions end
         return m.command_complete("PAUSE")
 
     def _resume(self, arg: str) -> bytes:

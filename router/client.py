@@ -55,6 +55,7 @@ _COPY_MESSAGES = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
 _SETTING_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 _I = 73  # 'I': idle, outside a transaction
 FATAL_LINGER = 1.0  # seconds a connection stays half-closed after a FATAL error
+PAUSE_POLL = 0.05  # seconds between checks for the end of running transactions (PAUSE)
 GUARD_LIMIT = 64 * 1024  # a replica reply held longer than this is forwarded as it is
 _RETRY_SQLSTATES = frozenset({"25006", "40001"})  # read-only transaction, recovery conflict
 # A prepared statement from before a schema change: prepared afresh and run again.
@@ -635,10 +636,19 @@ class ClientSession(asyncio.Protocol):
     def _admin_data(self, data: bytes) -> None:
         assert self._reader is not None and self._console is not None
         self._reader.feed(data)
-        while self.state is State.ADMIN and (msg := self._reader.next()) is not None:
+        console = self._console
+        while (
+            self.state is State.ADMIN
+            and console.pausing is None
+            and (msg := self._reader.next()) is not None
+        ):
             kind, body = msg
             if kind == ord("Q"):
-                self.transport.write(self._console.execute(body.rstrip(b"\0").decode()))
+                reply = console.execute(body.rstrip(b"\0").decode())
+                if console.pausing is not None:
+                    self._pause_reply(reply)
+                else:
+                    self.transport.write(reply)
             elif kind == ord("X"):
                 self.close()
             else:
@@ -650,6 +660,24 @@ class ClientSession(asyncio.Protocol):
                 )
                 if kind == ord("S"):
                     self.transport.write(m.READY_IDLE)
+
+    def _pause_reply(self, reply: bytes) -> None:
+        """PAUSE answers once no transaction of the paused databases is running (or they were
+        resumed meanwhile); later commands of this console wait behind it."""
+        console = self._console
+        assert console is not None and console.pausing is not None
+        database = console.pausing
+        if (
+            self.state is State.ADMIN
+            and self.proxy.is_paused(database)
+            and self.proxy.transactions_running(database)
+        ):
+            asyncio.get_running_loop().call_later(PAUSE_POLL, self._pause_reply, reply)
+            return
+        console.pausing = None
+        if self.state is State.ADMIN:
+            self.transport.write(reply)
+            self._admin_data(b"")
 
     # ---- transactions -------------------------------------------------------------------------
 

@@ -189,6 +189,17 @@ class Proxy:
             pool.pause()
         log.info("paused", database=database or "all")
 
+    def is_paused(self, database: str) -> bool:
+        """Still held by PAUSE (`database` "*": everything)."""
+        return "*" in self.paused or database in self.paused
+
+    def transactions_running(self, database: str) -> int:
+        """Server connections of `database` ("*": all) inside a client's transaction. Servers
+        kept by session-mode or pinned clients between transactions do not count."""
+        return sum(
+            pool.busy() for pool in self.pools.values() if database in ("*", pool.key.database)
+        )
+
     def resume(self, database: str | None = None) -> None:
         if database is None:
             self.paused.clear()
@@ -470,6 +481,8 @@ class Proxy:
                 self._server_password(database.name, user),
                 self._pool_settings(database),
             )
+            if self.is_paused(database.name):
+                pool.pause()  # a pool first used while its database is paused is held too
             self.pools[key] = pool
         return pool
 

@@ -100,6 +100,35 @@ def test_pause_holds_new_transactions_until_resume(proxy_factory: Any) -> None:
         worker.join()
 
 
+def test_pause_waits_for_running_transactions(proxy_factory: Any) -> None:
+    """PAUSE answers only when the transaction running on the database has ended; what starts
+    meanwhile waits for RESUME."""
+    proxy = proxy_factory(ADMIN)
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None) as running:
+        running.execute("SELECT 1")  # a transaction is open (psycopg is not in autocommit)
+        paused = threading.Event()
+
+        def pause() -> None:
+            assert psql(proxy, "PAUSE appdb").returncode == 0
+            paused.set()
+
+        admin = threading.Thread(target=pause)
+        admin.start()
+        assert not paused.wait(1.0), "PAUSE answered while a transaction was running"
+        running.execute("SELECT 2")  # the running transaction goes on
+        running.commit()
+        assert paused.wait(5.0), "PAUSE did not answer once the transaction ended"
+        admin.join()
+        with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as late:
+            done = threading.Event()
+            worker = threading.Thread(target=lambda: (late.execute("SELECT 1"), done.set()))
+            worker.start()
+            assert not done.wait(0.5), "a new transaction ran while paused"
+            assert psql(proxy, "RESUME appdb").returncode == 0
+            assert done.wait(5.0)
+            worker.join()
+
+
 def _get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
