@@ -35,6 +35,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from tests.integration.test_session_state import show_pins
 from tests.support import APP_PASSWORD, APP_USER, ProxyProcess, deep_merge
 
 pytestmark = pytest.mark.timeout(120)
@@ -162,21 +163,6 @@ def holding(proxy: ProxyProcess, pid: int) -> Iterator[None]:
         for c in (a, b):
             c.rollback()
             c.close()
-
-
-def show_pins(proxy: ProxyProcess) -> dict[str, tuple[int, int]]:
-    """SHOW PINS in the admin console: reason -> (pinned now, total since start)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGPASSWORD=APP_PASSWORD, PGSSLMODE="disable")
-    out = subprocess.run(
-        ["psql", "-X", "-h", proxy.host, "-p", str(proxy.port), "-U", APP_USER, "-d", "pgrouter",
-         "-A", "-F", "|", "-P", "footer=off", "-c", "SHOW PINS"],
-        env=env, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert out.returncode == 0, f"SHOW PINS failed: {out.stderr.strip()}"
-    header, *rows = out.stdout.strip().splitlines()
-    assert header.split("|")[:3] == ["reason", "pinned", "total"], header
-    return {r.split("|")[0]: (int(r.split("|")[1]), int(r.split("|")[2])) for r in rows}
 
 
 def sql_prepare_pins(proxy: ProxyProcess) -> int:
