@@ -1,6 +1,8 @@
 """The Grafana dashboard against real data: a real Prometheus (the machine's `prometheus`
 package) scrapes a running pgrouter under load, and every PromQL expression of
-deploy/grafana/dashboards/pgrouter.json must parse and return data.
+deploy/grafana/dashboards/pgrouter.json must parse and return data. The load covers every row:
+reads routed to the replicas and writes on the primary, server errors, wrong passwords, a client
+pinned by LISTEN and a prepared statement.
 
 Also checks that the dashboard, its Grafana provisioning and deploy/prometheus/prometheus.yml
 fit together (data source uid, dashboard path, scrape target).
@@ -8,6 +10,7 @@ fit together (data source uid, dashboard path, scrape target).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,14 @@ VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)(?::\w+)?\]\]|\$(\w+)")
 LABEL_VALUES = re.compile(r"^\s*label_values\((.+),\s*(\w+)\s*\)\s*$", re.S)
 LOAD_SECONDS = 5.0
 MIN_SCRAPES = 5
+# appdb sends reads to the replicas (the base topology keeps them on the primary), so the
+# routing panels have data; otherdb stays on the primary.
+ROUTED = {"databases": {"appdb": {"routing": {"reads": "replicas"}}}}
+LISTEN_CHANNEL = "dashboard_test"
+# The load's writes go to a real table: DDL in the load (a temp table) would hold appdb's reads
+# on the primary until pgrouter has read the function catalog again.
+TABLE = f"dash_load_{uuid.uuid4().hex[:8]}"
+LOAD_DATABASES = ("appdb", "otherdb")
 
 
 # ---- the dashboard JSON --------------------------------------------------------------------
@@ -254,27 +266,61 @@ class Prometheus:
                 self.proc.wait()
 
 
-def run_load(proxy: Any, dbname: str, stop: threading.Event, errors: list[str]) -> None:
-    """Autocommit SELECTs, now and then a short sleep (so clients wait for the small pool),
-    and inserts into a temp table (in one transaction: temp tables pin to a server)."""
+def connect(proxy: Any, dbname: str = "appdb") -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        proxy.dsn(dbname), prepare_threshold=None, autocommit=True, connect_timeout=10
+    )
+
+
+def wait_replica_reads(proxy: Any, timeout: float = 15.0) -> None:
+    """Until a read on appdb runs on a replica: the backend monitors have reported."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with connect(proxy) as conn:
+                last = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            if last == (True,):
+                return
+        except psycopg.Error as exc:
+            last = exc
+        time.sleep(0.1)
+    pytest.fail(
+        f"reads on appdb never reached a replica within {timeout:.0f}s (last: {last!r})\n"
+        f"--- pgrouter:\n{proxy.log_text()}",
+        pytrace=False,
+    )
+
+
+def run_load(
+    proxy: Any, dbname: str, writes: bool, stop: threading.Event, errors: list[str]
+) -> None:
+    """Autocommit SELECTs (on appdb: on a replica), now and then a short sleep (so clients wait
+    for the small pool) and a division by zero (a server error, SQLSTATE class 22). A writer
+    also inserts into TABLE (in one transaction: on the primary); its reads right after a write
+    stay on the primary (read-your-writes), so appdb has readers that never write."""
     try:
-        with psycopg.connect(
-            proxy.dsn(dbname), prepare_threshold=None, autocommit=True, connect_timeout=10
-        ) as conn:
+        with connect(proxy, dbname) as conn:
             i = 0
             while not stop.is_set():
                 i += 1
                 conn.execute("SELECT %s::int + 1", (i,)).fetchone()
                 if i % 5 == 0:
                     conn.execute("SELECT pg_sleep(0.005)")
-                if i % 10 == 0:
+                if i % 20 == 0:
+                    try:
+                        conn.execute("SELECT 1 / 0")
+                    except psycopg.errors.DivisionByZero:
+                        pass
+                    else:
+                        errors.append(f"{dbname}: SELECT 1 / 0 did not fail")
+                if writes and i % 10 == 0:
                     with conn.transaction():
-                        conn.execute("CREATE TEMP TABLE load_t (n int, s text) ON COMMIT DROP")
                         conn.execute(
-                            "INSERT INTO load_t SELECT g, repeat('x', 100) "
+                            f"INSERT INTO {TABLE} SELECT g, repeat('x', 100) "
                             "FROM generate_series(1, 50) g"
                         )
-                        conn.execute("SELECT count(*) FROM load_t").fetchone()
+                        conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()
     except Exception as exc:  # reported by the test, not lost in the thread
         errors.append(f"{dbname}: {exc!r}")
 
@@ -325,17 +371,22 @@ def test_every_dashboard_query_returns_data(proxy_factory: Any, tmp_path: Path) 
 
     http_port = free_port()
     proxy = proxy_factory(
-        {"admin": {"users": [APP_USER], "http": f"127.0.0.1:{http_port}"}, "pool_size": 2}
+        {"admin": {"users": [APP_USER], "http": f"127.0.0.1:{http_port}"}, "pool_size": 2, **ROUTED}
     )
     prometheus = Prometheus(binary, http_port, tmp_path)
+    listener: psycopg.Connection[Any] | None = None
     stop = threading.Event()
     errors: list[str] = []
     workers = [
-        threading.Thread(target=run_load, args=(proxy, db, stop, errors), daemon=True)
-        for db in ("appdb", "appdb", "appdb", "otherdb")
+        threading.Thread(target=run_load, args=(proxy, db, writes, stop, errors), daemon=True)
+        for db, writes in (("appdb", False), ("appdb", False), ("appdb", True), ("otherdb", True))
     ]
     workers.append(threading.Thread(target=churn_logins, args=(proxy, stop, errors), daemon=True))
     try:
+        for db in LOAD_DATABASES:
+            with connect(proxy, db) as conn:
+                conn.execute(f"CREATE TABLE {TABLE} (n int, s text)")
+        wait_replica_reads(proxy)  # also: the catalog was read again after the CREATE
         prometheus.wait_ready()
         # A first scrape before the load, so that counters are seen to move.
         deadline = time.monotonic() + 15
@@ -344,6 +395,12 @@ def test_every_dashboard_query_returns_data(proxy_factory: Any, tmp_path: Path) 
                 pytest.fail(f"prometheus did not scrape pgrouter:\n{prometheus.log_text()}")
             time.sleep(0.2)
         started = time.monotonic()
+        # A client pinned to its server (LISTEN) until the end, and a prepared statement: the
+        # session-state panels.
+        listener = connect(proxy)
+        listener.execute(f"LISTEN {LISTEN_CHANNEL}")
+        listener.prepare_threshold = 0
+        listener.execute("SELECT %s::int", (1,)).fetchone()
         for worker in workers:
             worker.start()
 
@@ -362,7 +419,21 @@ def test_every_dashboard_query_returns_data(proxy_factory: Any, tmp_path: Path) 
                 )
             time.sleep(0.5)
         assert not errors, errors
-        assert prometheus.scalar("sum(rate(pgrouter_auth_failures_total[10s]))") > 0
+        # The load reached every kind of panel: not only series, but moving ones.
+        expected = {
+            "sum(rate(pgrouter_auth_failures_total[10s]))": 0,
+            'sum(rate(pgrouter_routed_transactions_total{target="replica"}[10s]))': 0,
+            'sum(rate(pgrouter_routed_transactions_total{target="primary"}[10s]))': 0,
+            'sum(rate(pgrouter_errors_total{source="server", class="22"}[10s]))': 0,
+            'sum(pgrouter_pinned_clients{reason="listen"})': 0,
+            'sum(increase(pgrouter_pins_total{reason="listen"}[1m]))': 0,
+            "sum(pgrouter_prepared_statements)": 0,
+            "min(pgrouter_backend_up)": 0,
+            "count(pgrouter_backend_lag_bytes)": 1,
+        }
+        for expr, above in expected.items():
+            value = prometheus.scalar(expr)
+            assert value > above, f"{expr} = {value}, expected > {above}"
 
         names = set(variables)
         problems = []
@@ -385,5 +456,10 @@ def test_every_dashboard_query_returns_data(proxy_factory: Any, tmp_path: Path) 
         for worker in workers:
             if worker.is_alive():
                 worker.join(timeout=10)
+        if listener is not None:
+            listener.close()
         prometheus.stop()
+        for db in LOAD_DATABASES:
+            with contextlib.suppress(psycopg.Error), connect(proxy, db) as conn:
+                conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
     assert not errors, errors
