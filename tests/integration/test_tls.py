@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +226,85 @@ def test_reload_serves_the_new_certificate(
         assert kept.execute("SELECT 1").fetchone() == (1,)
     with connect(proxy, sslmode="verify-full", sslrootcert=str(other.ca)) as conn:
         assert conn.pgconn.ssl_in_use
+
+
+# ---- server_tls ---------------------------------------------------------------------------------
+
+SSL_OF_BACKEND = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(certs: Certs) -> Iterator[Any]:
+    """A primary with ssl on, serving certs.server_cert (for localhost and 127.0.0.1)."""
+    from router.cluster import LocalCluster
+
+    # The server reads its key as the postgres OS user (when the tests run as root), and
+    # refuses a key others can read: a directory of its own, the key 0600.
+    directory = Path(tempfile.mkdtemp(prefix="pgrouter-tls-"))
+    cert, key = directory / "server.crt", directory / "server.key"
+    shutil.copy(certs.server_cert, cert)
+    shutil.copy(certs.server_key, key)
+    key.chmod(0o600)
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam("postgres")
+        for path in (directory, cert, key):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    cluster = LocalCluster(
+        replicas=0, settings={"ssl": "on", "ssl_cert_file": str(cert), "ssl_key_file": str(key)}
+    )
+    try:
+        cluster.start()
+        cluster.create_user(APP_USER, APP_PASSWORD)
+        cluster.create_database("appdb", owner=APP_USER)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def on(cluster: Any, server_tls: dict[str, str] | None = None) -> dict[str, Any]:
+    """A topology override: appdb served by `cluster`'s primary alone."""
+    primary = cluster.primary
+    override: dict[str, Any] = {
+        "databases": {"appdb": {"primary": f"{primary.host}:{primary.port}", "replicas": []}}
+    }
+    if server_tls is not None:
+        override["server_tls"] = server_tls
+    return override
+
+
+def backend_ssl(proxy: ProxyProcess) -> bool:
+    with connect(proxy) as conn:
+        row = conn.execute(SSL_OF_BACKEND).fetchone()
+        assert row is not None
+        return bool(row[0])
+
+
+def test_server_tls_prefer_is_the_default(proxy_factory: ProxyFactory, tls_cluster: Any) -> None:
+    assert backend_ssl(proxy_factory(on(tls_cluster)))
+
+
+def test_server_tls_modes_against_a_tls_server(
+    proxy_factory: ProxyFactory, tls_cluster: Any, certs: Certs
+) -> None:
+    assert not backend_ssl(proxy_factory(on(tls_cluster, {"mode": "disable"})))
+    assert backend_ssl(proxy_factory(on(tls_cluster, {"mode": "require"})))
+    verify = {"mode": "verify-full", "ca": str(certs.ca)}
+    assert backend_ssl(proxy_factory(on(tls_cluster, verify)))
+
+
+def test_server_tls_verify_full_refuses_a_certificate_from_another_ca(
+    proxy_factory: ProxyFactory, tls_cluster: Any, tmp_path: Path
+) -> None:
+    other = make_certs(tmp_path / "other", prefix="other-")
+    proxy = proxy_factory(on(tls_cluster, {"mode": "verify-ca", "ca": str(other.ca)}))
+    with pytest.raises(psycopg.OperationalError) as info:  # the first login needs a server
+        connect(proxy)
+    assert "certificate verify failed" in str(info.value)
+
+
+def test_server_tls_require_against_a_server_without_tls(proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory(server_tls={"mode": "require"})  # the shared cluster has ssl off
+    with pytest.raises(psycopg.OperationalError) as info:  # the first login needs a server
+        connect(proxy)
+    assert "does not support TLS (server_tls.mode: require)" in str(info.value)
