@@ -13,7 +13,7 @@ import time
 
 import structlog
 
-from pools.server import ServerConnection, open_server
+from pools.server import ServerConnection, TLSOptions, open_server
 from protocol.auth import LoginError
 
 log = structlog.get_logger("pgrouter.monitor")
@@ -49,7 +49,9 @@ class BackendMonitor:
         *,
         interval: float = 0.1,
         timeout: float = 1.0,
+        tls: TLSOptions | None = None,
     ) -> None:
+        self.tls = tls
         self.host = host
         self.port = port
         self.user = user
@@ -94,6 +96,7 @@ class BackendMonitor:
                             self.password,
                             {"database": self.dbname, "application_name": "pgrouter monitor"},
                             self.timeout,
+                            self.tls,
                         )
                     started = time.monotonic()
                     async with asyncio.timeout(self.timeout):

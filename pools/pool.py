@@ -16,7 +16,7 @@ from typing import Protocol
 
 import structlog
 
-from pools.server import ServerConnection, open_server
+from pools.server import ServerConnection, TLSOptions, open_server
 from protocol import messages as m
 from protocol.auth import LoginError, ServerSecret
 from protocol.errors import CANNOT_CONNECT_NOW, CONNECTION_FAILURE, QUERY_CANCELED
@@ -35,6 +35,7 @@ class PoolSettings:
     server_connect_timeout: float
     query_wait_timeout: float
     server_reset_query: str  # run before reuse (session mode); "" for none
+    server_tls: TLSOptions | None = None  # None: no TLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +268,7 @@ class Pool:
                 self.password,
                 {"database": self.dbname},
                 self.settings.server_connect_timeout,
+                self.settings.server_tls,
             )
         except LoginError as exc:
             error = PoolError(exc.sqlstate, exc.message)

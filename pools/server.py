@@ -9,6 +9,7 @@ forwarded untouched.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 import time
 from collections import OrderedDict
@@ -27,6 +28,36 @@ _I32 = struct.Struct("!I")
 log = structlog.get_logger("pgrouter.server")
 WRITE_HIGH_WATER = 256 * 1024
 HiddenDone = Callable[[list[dict[str, str]], list[list[str | None]]], None]
+
+
+#: server_tls modes under which a server without TLS is refused (libpq's sslmode meanings).
+TLS_REQUIRED = frozenset({"require", "verify-ca", "verify-full"})
+
+
+class TLSOptions(Protocol):
+    """How to use TLS with the servers (router.config.ServerTLS): ``mode`` is libpq's sslmode;
+    ``context`` None means encrypted without checking the certificate (prefer, require)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def context(self) -> ssl.SSLContext | None: ...
+
+
+_UNVERIFIED: ssl.SSLContext | None = None
+
+
+def _unverified_context() -> ssl.SSLContext:
+    """Encryption without a certificate check: libpq's prefer and require without a root CA."""
+    global _UNVERIFIED
+    if _UNVERIFIED is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["postgresql"])
+        _UNVERIFIED = context
+    return _UNVERIFIED
 
 
 class ServerClient(Protocol):
@@ -66,15 +97,23 @@ class ServerConnection(asyncio.Protocol):
         "retired",
         "scanner",
         "settings",
+        "ssl_answer",
         "transport",
     )  # fmt: skip
 
-    def __init__(self, host: str, port: int, login: ServerLogin) -> None:
+    def __init__(
+        self, host: str, port: int, login: ServerLogin, *, ssl_request: bool = False
+    ) -> None:
         self.host = host
         self.port = port
         self.transport: asyncio.Transport | None = None
         self.login = login
-        self.login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.login_done: asyncio.Future[None] = loop.create_future()
+        # The server's one-byte answer to our SSLRequest (None: the startup packet goes first).
+        self.ssl_answer: asyncio.Future[bytes] | None = (
+            loop.create_future() if ssl_request else None
+        )
         self.scanner = BackendScanner()
         self.client: ServerClient | None = None
         self.parameters: dict[str, str] = {}
@@ -100,9 +139,27 @@ class ServerConnection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        transport.write(self.login.startup())
+        if self.ssl_answer is not None:
+            transport.write(m.SSL_REQUEST_PACKET)
+        else:
+            transport.write(self.login.startup())
 
     def data_received(self, data: bytes) -> None:
+        answer = self.ssl_answer
+        if answer is not None:
+            if answer.done():  # more bytes before the TLS handshake: nobody reads them
+                return
+            if len(data) > 1:
+                # Bytes after the answer would be taken as if they came over TLS
+                # (CVE-2021-23214): a server (or someone in between) doing that is refused.
+                answer.set_exception(
+                    LoginError("08P01", "received unencrypted data after SSL response")
+                )
+                if self.transport is not None:
+                    self.transport.abort()
+            else:
+                answer.set_result(data)
+            return
         try:
             self._data(data)
         except ProtocolViolation as exc:  # a broken server: never reuse it
@@ -155,6 +212,8 @@ class ServerConnection(asyncio.Protocol):
         reason = str(exc) if exc else "server closed the connection"
         if not self.login_done.done():
             self.login_done.set_exception(ConnectionError(reason))
+        if self.ssl_answer is not None and not self.ssl_answer.done():
+            self.ssl_answer.set_exception(ConnectionError(reason))
         client = self.client
         if client is not None:
             client.server_lost(self, reason)
@@ -308,24 +367,62 @@ class ServerConnection(asyncio.Protocol):
 
 
 async def open_server(
-    host: str, port: int, user: str, password: ServerSecret, params: dict[str, str], timeout: float
+    host: str,
+    port: int,
+    user: str,
+    password: ServerSecret,
+    params: dict[str, str],
+    timeout: float,
+    tls: TLSOptions | None = None,
 ) -> ServerConnection:
-    """Connect and log in; raises LoginError, OSError or TimeoutError."""
+    """Connect (with TLS as `tls` says) and log in; raises LoginError, OSError (ssl.SSLError
+    for a failed handshake) or TimeoutError."""
     loop = asyncio.get_running_loop()
     login = ServerLogin(user, password, params)
     conn: ServerConnection | None = None
+    mode = "disable" if tls is None else tls.mode
     try:
         async with asyncio.timeout(timeout):
             _, proto = await loop.create_connection(
-                lambda: ServerConnection(host, port, login), host, port
+                lambda: ServerConnection(host, port, login, ssl_request=mode != "disable"),
+                host,
+                port,
             )
             conn = proto
+            if conn.ssl_answer is not None:
+                assert tls is not None
+                await _negotiate_tls(conn, host, port, tls)
             await conn.login_done
     except BaseException:
         if conn is not None:
+            conn.login_done.cancel()  # nobody waits for it any more
             conn.abort()
         raise
     return conn
+
+
+async def _negotiate_tls(conn: ServerConnection, host: str, port: int, tls: TLSOptions) -> None:
+    """After our SSLRequest: TLS on 'S'; on 'N' plain text unless the mode requires TLS.
+    Then the startup packet."""
+    assert conn.ssl_answer is not None and conn.transport is not None
+    answer = await conn.ssl_answer
+    conn.ssl_answer = None  # the hot path only checks for None from here on
+    if answer == b"S":
+        context = tls.context or _unverified_context()
+        transport = await asyncio.get_running_loop().start_tls(
+            conn.transport, conn, context, server_hostname=host
+        )
+        if transport is None:
+            raise ConnectionError("TLS handshake did not complete")
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        conn.transport = transport
+    elif answer != b"N":  # 'E': a server from before protocol 3 reports an error
+        raise LoginError("08P01", f"server {host}:{port} answered the SSLRequest with {answer!r}")
+    elif tls.mode in TLS_REQUIRED:
+        raise LoginError(
+            "08006", f"server {host}:{port} does not support TLS (server_tls.mode: {tls.mode})"
+        )
+    conn.transport.write(conn.login.startup())
 
 
 async def send_cancel(host: str, port: int, key: tuple[int, int], timeout: float = 5.0) -> None:

@@ -117,6 +117,8 @@ def cancel_request(pid: int, secret: int) -> bytes:
     return _I32.pack(16) + _I32.pack(CANCEL_REQUEST) + _I32I32.pack(pid, secret)
 
 
+#: The untyped packet asking a server for TLS (answered 'S' or 'N').
+SSL_REQUEST_PACKET = _I32.pack(8) + _I32.pack(SSL_REQUEST)
 TERMINATE = message(b"X")
 SYNC = message(b"S")
 

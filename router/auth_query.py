@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import structlog
 
-from pools.server import open_server
+from pools.server import TLSOptions, open_server
 from protocol.auth import LoginError
 
 __all__ = ["AuthQuery", "LookupKey", "auth_query_sql"]
@@ -71,6 +71,7 @@ class AuthQuery:
         timeout: float,
         ttl: float,
         done: Done,
+        tls: TLSOptions | None = None,
     ) -> None:
         """Look `key` up on its server; `done(secret, None)` or `done(None, error)` later."""
         waiting = self._waiting.get(key)
@@ -79,7 +80,7 @@ class AuthQuery:
             return
         self._waiting[key] = [done]
         asyncio.get_running_loop().create_task(
-            self._run(key, dbname, login, auth_query_sql(query, key[2]), timeout, ttl)
+            self._run(key, dbname, login, auth_query_sql(query, key[2]), timeout, ttl, tls)
         )
 
     async def _run(
@@ -90,6 +91,7 @@ class AuthQuery:
         sql: str,
         timeout: float,
         ttl: float,
+        tls: TLSOptions | None = None,
     ) -> None:
         host, port, user = key
         secret: str | None = None
@@ -104,6 +106,7 @@ class AuthQuery:
                     login[1],
                     {"database": dbname, "application_name": "pgrouter auth_query"},
                     timeout,
+                    tls,
                 )
                 try:
                     rows = await conn.query(sql)

@@ -17,6 +17,7 @@ import enum
 import json
 import re
 import secrets
+import ssl
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -54,6 +55,8 @@ _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
 _COPY_MESSAGES = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
 _SETTING_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 _I = 73  # 'I': idle, outside a transaction
+_TLS_HANDSHAKE = 1
+_TLS_ON = 2
 FATAL_LINGER = 1.0  # seconds a connection stays half-closed after a FATAL error
 PAUSE_POLL = 0.05  # seconds between checks for the end of running transactions (PAUSE)
 GUARD_LIMIT = 64 * 1024  # a replica reply held longer than this is forwarded as it is
@@ -226,6 +229,7 @@ class ClientSession(asyncio.Protocol):
         "_reader",
         "_server_transport",
         "_startup",
+        "_tls",
         "_touched",
         "_txn_ddl",
         "_txn_writes",
@@ -302,6 +306,7 @@ class ClientSession(asyncio.Protocol):
         self._auth: ClientAuth | None = None
         self._canonical = True  # False until reported settings were checked against a server
         self.connected_at = 0.0
+        self._tls = 0  # 0: plain; _TLS_HANDSHAKE, _TLS_ON
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
@@ -436,6 +441,10 @@ class ClientSession(asyncio.Protocol):
         """Called by the proxy's janitor for a client still logging in after the timeout."""
         if self.logging_in:
             log.info("client login timeout", client=self.peer)
+            if self._tls == _TLS_HANDSHAKE:  # no error can be sent in the middle of it
+                self._shut()
+                self.transport.abort()
+                return
             self.fatal(e.PROTOCOL_VIOLATION, "client_login_timeout: login not finished in time")
 
     # ---- login ------------------------------------------------------------------------------
@@ -444,6 +453,9 @@ class ClientSession(asyncio.Protocol):
         if self.state is State.STARTUP:
             assert self._startup is not None
             self._startup.feed(data)
+            if self._tls == _TLS_HANDSHAKE:
+                return  # decrypted before start_tls returned: read once it has
+
             while self.state is State.STARTUP and (packet := self._startup.next()) is not None:
                 self._startup_packet(packet)
             if self.state is not State.STARTUP and self._startup is not None:
@@ -476,7 +488,10 @@ class ClientSession(asyncio.Protocol):
             self.proxy.cancel(packet.cancel_key)
             self.close()
             return
-        if packet.code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
+        if packet.code == m.SSL_REQUEST:
+            self._ssl_request()
+            return
+        if packet.code == m.GSSENC_REQUEST:
             self.transport.write(b"N")
             return
         if packet.major != 3:
@@ -488,6 +503,10 @@ class ClientSession(asyncio.Protocol):
             return
         if packet.minor > 0 or packet.protocol_options:
             self.transport.write(m.negotiate_protocol_version(0, packet.protocol_options))
+        if not self._tls and config.client_tls.mode == "require":
+            log.info("client without TLS refused", client=self.peer)
+            self.fatal(e.INVALID_AUTHORIZATION, "pgrouter requires TLS (client_tls.mode: require)")
+            return
         params = packet.params
         user = params.get("user", "")
         if not user:
@@ -523,6 +542,50 @@ class ClientSession(asyncio.Protocol):
         auth = self.proxy.client_auth(self, user, method)
         if auth is not None:  # else auth_query looks the user up and calls begin_auth
             self.begin_auth(auth)
+
+    def _ssl_request(self) -> None:
+        """SSLRequest: 'N', or 'S' and the TLS handshake on this connection."""
+        context = self.proxy.config.client_tls.context
+        if self._tls:
+            raise ProtocolViolation("SSLRequest on a connection that already uses TLS")
+        if context is None:
+            self.transport.write(b"N")
+            return
+        assert self._startup is not None
+        if self._startup.pending:
+            # Bytes sent before the handshake would be taken as if they came over TLS
+            # (CVE-2021-23222): refuse them, as PostgreSQL does.
+            raise ProtocolViolation("received unencrypted data after SSL request")
+        self._tls = _TLS_HANDSHAKE
+        self.transport.write(b"S")
+        self.transport.pause_reading()  # the ClientHello is for the TLS layer, not for us
+        asyncio.get_running_loop().create_task(self._start_tls(context))
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        raw = self.transport
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                raw, self, context, server_side=True
+            )
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            if self.state is not State.CLOSED:
+                log.info("client TLS handshake failed", client=self.peer, error=str(exc))
+            self._shut()
+            raw.abort()
+            return
+        if transport is None or self.state is State.CLOSED:
+            if transport is not None:
+                transport.abort()
+            raw.abort()
+            return
+        self._tls = _TLS_ON
+        transport.set_write_buffer_limits(high=256 * 1024)
+        self.transport = transport
+        if self._startup is not None and self._startup.pending:
+            try:
+                self._login_data(b"")
+            except ProtocolViolation as exc:
+                self.violation(str(exc))
 
     def begin_auth(self, auth: ClientAuth) -> None:
         """The user's secrets are at hand: ask the client for its password."""

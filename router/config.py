@@ -17,6 +17,7 @@ import difflib
 import math
 import os
 import re
+import ssl
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,20 +32,24 @@ __all__ = [
     "ADMIN_DATABASES",
     "AUTH_RULE_METHODS",
     "AUTH_TYPES",
+    "CLIENT_TLS_MODES",
     "DEFAULT_AUTH_QUERY",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "POOL_MODES",
     "READ_YOUR_WRITES_SCOPES",
     "ROUTING_READS",
+    "SERVER_TLS_MODES",
     "Admin",
     "AuthRule",
+    "ClientTLS",
     "Config",
     "ConfigError",
     "Database",
     "Endpoint",
     "LogConfig",
     "Routing",
+    "ServerTLS",
     "User",
     "check_main",
     "format_address",
@@ -62,6 +67,11 @@ ROUTING_READS = ("replicas", "primary", "any")
 READ_YOUR_WRITES_SCOPES = ("connection", "user_address")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("console", "json")
+CLIENT_TLS_MODES = ("disable", "allow", "require")
+#: libpq's sslmode values (allow is left out: it only matters to a client that retries).
+SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+#: The ALPN protocol name PostgreSQL 17 uses for TLS connections.
+ALPN_POSTGRESQL = "postgresql"
 #: Virtual database names served by the admin console; no real database may use them.
 ADMIN_DATABASES = ("pgrouter", "pgbouncer")
 
@@ -317,6 +327,36 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """TLS between clients and pgrouter.
+
+    ``mode`` is disable (SSLRequest answered 'N'), allow (TLS for clients that ask) or require
+    (clients that do not ask are refused). ``ca`` set: clients must present a certificate it
+    signed. ``context`` is built from the files when the topology is loaded (and reloaded), so
+    a connection never reads them.
+    """
+
+    mode: str = "disable"
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """TLS between pgrouter and the servers, with libpq's sslmode meanings.
+
+    ``context`` is None for disable, and for prefer/require without ``ca`` (then the server's
+    certificate is not checked, as in libpq).
+    """
+
+    mode: str = "prefer"
+    ca: str | None = None
+    context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated topology. Mappings are read-only and keep the file's order."""
 
@@ -347,6 +387,8 @@ class Config:
     users: Mapping[str, User] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     admin: Admin = field(default_factory=Admin)
     log: LogConfig = field(default_factory=LogConfig)
+    client_tls: ClientTLS = field(default_factory=ClientTLS)
+    server_tls: ServerTLS = field(default_factory=ServerTLS)
     databases: Mapping[str, Database] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
@@ -394,6 +436,8 @@ _TOP_KEYS = (
     "users",
     "admin",
     "log",
+    "client_tls",
+    "server_tls",
     "databases",
 )
 _DATABASE_KEYS = (
@@ -421,6 +465,8 @@ _USER_KEYS = ("password", "password_env", "max_client_connections")
 _RULE_KEYS = ("method", "database", "user", "address")
 _ADMIN_KEYS = ("users", "http")
 _LOG_KEYS = ("level", "format")
+_CLIENT_TLS_KEYS = ("mode", "cert", "key", "ca")
+_SERVER_TLS_KEYS = ("mode", "ca")
 _MIN_PACKET_SIZE = 1024
 
 
@@ -1107,6 +1153,101 @@ def _log(ck: _Checker, value: object) -> LogConfig:
     )
 
 
+def _tls_file(ck: _Checker, path: str, value: object, base: str) -> str | None:
+    """A certificate or key file: relative names are taken from the topology file's
+    directory; the file must exist and be readable now."""
+    if value is _MISSING or value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        ck.error(path, f"must be a file path, got {_show(value)}")
+        return None
+    name = os.path.join(base, os.path.expanduser(value))
+    try:
+        with open(name, "rb") as fh:
+            fh.read(1)
+    except FileNotFoundError:
+        ck.error(path, f"file not found: {name}")
+        return None
+    except IsADirectoryError:
+        ck.error(path, f"is a directory, not a file: {name}")
+        return None
+    except OSError as exc:
+        ck.error(path, f"cannot read {name}: {exc.strerror or exc}")
+        return None
+    return name
+
+
+def _no_password() -> str:
+    raise ValueError("encrypted private keys are not supported")
+
+
+def _client_tls(ck: _Checker, value: object, base: str) -> ClientTLS:
+    data = ck.mapping("client_tls", value, _CLIENT_TLS_KEYS)
+    mode = ck.choice("client_tls.mode", data.get("mode", _MISSING), "disable", CLIENT_TLS_MODES)
+    files = {
+        key: _tls_file(ck, f"client_tls.{key}", data.get(key, _MISSING), base)
+        for key in ("cert", "key", "ca")
+    }
+    if mode == "disable":
+        return ClientTLS(mode, files["cert"], files["key"], files["ca"])
+    for name in ("cert", "key"):
+        if name not in data:
+            ck.error(f"client_tls.{name}", f"required when client_tls.mode is {mode}")
+    cert, key, ca = files["cert"], files["key"], files["ca"]
+    if cert is None or key is None or ("ca" in data and ca is None):
+        return ClientTLS(mode, cert, key, ca)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols([ALPN_POSTGRESQL])
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        ck.error("client_tls.key", f"cannot use the certificate and key: {_ssl_reason(exc)}")
+        return ClientTLS(mode, cert, key, ca)
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, OSError) as exc:
+            ck.error("client_tls.ca", f"cannot load CA certificates: {_ssl_reason(exc)}")
+            return ClientTLS(mode, cert, key, ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return ClientTLS(mode, cert, key, ca, context)
+
+
+def _server_tls(ck: _Checker, value: object, base: str) -> ServerTLS:
+    data = ck.mapping("server_tls", value, _SERVER_TLS_KEYS)
+    mode = ck.choice("server_tls.mode", data.get("mode", _MISSING), "prefer", SERVER_TLS_MODES)
+    ca = _tls_file(ck, "server_tls.ca", data.get("ca", _MISSING), base)
+    if mode == "disable" or (ca is None and "ca" in data):
+        return ServerTLS(mode, ca)
+    if ca is None and mode in ("prefer", "require"):
+        return ServerTLS(mode)  # encrypted, the server's certificate unchecked (libpq's way)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols([ALPN_POSTGRESQL])
+    context.check_hostname = mode == "verify-full"
+    context.verify_mode = ssl.CERT_REQUIRED  # with ca, require checks the chain (as libpq)
+    try:
+        if ca is None:
+            context.load_default_certs()
+        else:
+            context.load_verify_locations(cafile=ca)
+    except (ssl.SSLError, OSError) as exc:
+        ck.error("server_tls.ca", f"cannot load CA certificates: {_ssl_reason(exc)}")
+        return ServerTLS(mode, ca)
+    return ServerTLS(mode, ca, context)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return "the key does not belong to the certificate"
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 def _auth_lookup(
     ck: _Checker,
     get: Callable[[str], Any],
@@ -1236,6 +1377,9 @@ def parse_config(
     users = _users(ck, get("users"), env, auth_type, auth_rules)
     admin = _admin(ck, top.get("admin"))
     log = _log(ck, top.get("log"))
+    base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    client_tls = _client_tls(ck, top.get("client_tls"), base_dir)
+    server_tls = _server_tls(ck, top.get("server_tls"), base_dir)
     errors_before = len(ck.errors)
     databases = _databases(ck, get("databases"), base)
     auth_user, auth_query, auth_dbname = _auth_lookup(
@@ -1255,6 +1399,8 @@ def parse_config(
         users=MappingProxyType(users),
         admin=admin,
         log=log,
+        client_tls=client_tls,
+        server_tls=server_tls,
         databases=MappingProxyType(databases),
     )
 

@@ -135,7 +135,12 @@ class Proxy:
                 address = (endpoint.host, endpoint.port)
                 if address not in self.monitors:
                     monitor = BackendMonitor(
-                        endpoint.host, endpoint.port, login[0], login[1], database.dbname
+                        endpoint.host,
+                        endpoint.port,
+                        login[0],
+                        login[1],
+                        database.dbname,
+                        tls=self.config.server_tls,
                     )
                     self.monitors[address] = monitor
                     monitor.start()
@@ -373,6 +378,7 @@ class Proxy:
             config.server_connect_timeout,
             config.auth_query_ttl,
             done,
+            config.server_tls,
         )
         return None
 
@@ -461,6 +467,7 @@ class Proxy:
             server_reset_query=database.server_reset_query
             if database.pool_mode == "session"
             else "",
+            server_tls=c.server_tls,
         )
 
     def _server_password(self, database: str, user: str) -> ServerSecret:

@@ -111,6 +111,7 @@ class Router:
                     self.login[1],
                     {"database": self.database.dbname, "application_name": "pgrouter catalog"},
                     5.0,
+                    self.proxy.config.server_tls,
                 )
                 try:
                     rows = await conn.query(VOLATILE_FUNCTIONS_SQL)

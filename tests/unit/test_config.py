@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import ssl
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ from router.config import (
     DEFAULT_AUTH_QUERY,
     Admin,
     AuthRule,
+    ClientTLS,
     Config,
     ConfigError,
     Endpoint,
     LogConfig,
     Routing,
+    ServerTLS,
     User,
     check_main,
     load_config,
@@ -1219,3 +1222,117 @@ def test_check_main_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 def test_check_main_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert check_main(str(tmp_path / "missing.yaml")) == 1
     assert "file not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# client_tls and server_tls
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.tls_certs import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def test_tls_defaults() -> None:
+    config = parse_config(MINIMAL, env={})
+    assert config.client_tls == ClientTLS(mode="disable")
+    assert config.client_tls.context is None
+    assert config.server_tls == ServerTLS(mode="prefer")
+    assert config.server_tls.context is None  # prefer without ca: nothing to verify
+
+
+def test_client_tls_builds_a_context(certs: Any) -> None:
+    tls = {"mode": "require", "cert": str(certs.server_cert), "key": str(certs.server_key)}
+    config = parse_config(config_with(client_tls=tls), env={})
+    assert config.client_tls.mode == "require"
+    assert config.client_tls.cert == str(certs.server_cert)
+    context = config.client_tls.context
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_NONE
+    with_ca = parse_config(config_with(client_tls={**tls, "ca": str(certs.ca)}), env={})
+    assert with_ca.client_tls.context is not None
+    assert with_ca.client_tls.context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_client_tls_relative_paths_are_next_to_the_topology(certs: Any) -> None:
+    path = certs.directory / "topology.yaml"
+    data = config_with(client_tls={"mode": "allow", "cert": "server.crt", "key": "server.key"})
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path, env={})
+    assert config.client_tls.cert == str(certs.directory / "server.crt")
+    assert config.client_tls.context is not None
+
+
+def test_client_tls_errors(certs: Any, tmp_path: Path) -> None:
+    assert errors_of(config_with(client_tls={"mode": "require"})) == [
+        "client_tls.cert: required when client_tls.mode is require",
+        "client_tls.key: required when client_tls.mode is require",
+    ]
+    assert errors_of(config_with(client_tls={"mode": "on", "kye": "x"})) == [
+        "client_tls.kye: unknown key (did you mean 'key'?)",
+        "client_tls.mode: must be one of disable, allow, require (got 'on')",
+    ]
+    missing = tmp_path / "missing.crt"
+    assert errors_of(
+        config_with(
+            client_tls={"mode": "allow", "cert": str(missing), "key": str(certs.server_key)}
+        )
+    ) == [f"client_tls.cert: file not found: {missing}"]
+    assert errors_of(
+        config_with(
+            client_tls={"mode": "allow", "cert": str(tmp_path), "key": str(certs.server_key)}
+        )
+    ) == [f"client_tls.cert: is a directory, not a file: {tmp_path}"]
+    mismatch = {"mode": "allow", "cert": str(certs.server_cert), "key": str(certs.client_key)}
+    assert errors_of(config_with(client_tls=mismatch)) == [
+        "client_tls.key: cannot use the certificate and key: "
+        "the key does not belong to the certificate"
+    ]
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    tls = {"mode": "allow", "cert": str(certs.server_cert), "key": str(certs.server_key)}
+    errors = errors_of(config_with(client_tls={**tls, "ca": str(garbage)}))
+    assert len(errors) == 1 and errors[0].startswith("client_tls.ca: cannot load CA certificates")
+
+
+def test_client_tls_disable_needs_no_files() -> None:
+    config = parse_config(config_with(client_tls={"mode": "disable"}), env={})
+    assert config.client_tls.context is None
+
+
+def test_server_tls_modes(certs: Any) -> None:
+    for mode in ("disable", "prefer", "require"):
+        config = parse_config(config_with(server_tls={"mode": mode}), env={})
+        assert config.server_tls == ServerTLS(mode=mode)
+        assert config.server_tls.context is None
+    full = parse_config(
+        config_with(server_tls={"mode": "verify-full", "ca": str(certs.ca)}), env={}
+    ).server_tls
+    assert full.context is not None and full.context.check_hostname
+    assert full.context.verify_mode == ssl.CERT_REQUIRED
+    verify_ca = parse_config(
+        config_with(server_tls={"mode": "verify-ca", "ca": str(certs.ca)}), env={}
+    ).server_tls
+    assert verify_ca.context is not None and not verify_ca.context.check_hostname
+    assert verify_ca.context.verify_mode == ssl.CERT_REQUIRED
+    # require with a CA checks the chain, as libpq does with a root certificate
+    require = parse_config(
+        config_with(server_tls={"mode": "require", "ca": str(certs.ca)}), env={}
+    ).server_tls
+    assert require.context is not None and require.context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_server_tls_errors(tmp_path: Path) -> None:
+    assert errors_of(config_with(server_tls={"mode": "allow"})) == [
+        "server_tls.mode: must be one of disable, prefer, require, verify-ca, verify-full "
+        "(got 'allow')"
+    ]
+    assert errors_of(config_with(server_tls={"mode": "require", "ca": str(tmp_path / "x")})) == [
+        f"server_tls.ca: file not found: {tmp_path / 'x'}"
+    ]
+    assert errors_of(config_with(server_tls={"mode": "require", "ca": 5})) == [
+        "server_tls.ca: must be a file path, got 5"
+    ]

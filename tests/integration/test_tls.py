@@ -1,0 +1,310 @@
+"""TLS through the real proxy process with real drivers, against certificates made here.
+
+Clients: psycopg (libpq) with sslmode require / verify-full, psql, asyncpg with an SSLContext;
+client_tls modes disable / allow / require, client certificates checked against `ca`, a cancel
+over TLS, bytes stuffed after an SSLRequest, and a reload that swaps the certificate. Servers:
+a PostgreSQL with ssl on, reached with server_tls modes prefer / require / verify-full, and
+require refused by a server without TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.integration.test_bad_input import raw, startup_packet
+from tests.support import APP_PASSWORD, APP_USER, ProxyProcess
+from tests.tls_certs import Certs, make_certs
+
+pytestmark = pytest.mark.timeout(120)
+
+ProxyFactory = Callable[..., ProxyProcess]
+REQUIRE_MESSAGE = "pgrouter requires TLS (client_tls.mode: require)"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def client_tls(certs: Certs, mode: str = "require", *, ca: bool = False) -> dict[str, Any]:
+    tls = {"mode": mode, "cert": str(certs.server_cert), "key": str(certs.server_key)}
+    if ca:
+        tls["ca"] = str(certs.ca)
+    return {"client_tls": tls}
+
+
+def connect(proxy: ProxyProcess, **kw: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(proxy.dsn(**kw), autocommit=True, connect_timeout=5)
+
+
+def served_certificate(proxy: ProxyProcess) -> bytes:
+    """The DER certificate the proxy presents after an SSLRequest."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+        sock.sendall(_SSL_REQUEST)
+        assert sock.recv(1) == b"S"
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with context.wrap_socket(sock) as tls:
+            cert = tls.getpeercert(binary_form=True)
+            assert cert is not None
+            return cert
+
+
+_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+
+
+def der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+# ---- client_tls ---------------------------------------------------------------------------------
+
+
+def test_psycopg_require_and_verify_full(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require"))
+    with connect(proxy, sslmode="require") as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+    with connect(proxy, sslmode="verify-full", sslrootcert=str(certs.ca)) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT current_user").fetchone() == (APP_USER,)
+
+
+def test_verify_full_rejects_a_certificate_from_another_ca(
+    proxy_factory: ProxyFactory, certs: Certs, tmp_path: Path
+) -> None:
+    other = make_certs(tmp_path / "other", prefix="other-")
+    proxy = proxy_factory(client_tls(certs, "require"))
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        connect(proxy, sslmode="verify-full", sslrootcert=str(other.ca))
+
+
+def test_psql_over_tls(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require"))
+    env = dict(os.environ, PGPASSWORD=APP_PASSWORD, PGSSLMODE="require")
+    out = subprocess.run(
+        ["psql", "-X", "-h", proxy.host, "-p", str(proxy.port), "-U", APP_USER, "-d", "appdb",
+         "-A", "-t", "-c", "SELECT 'over tls'", "-c", r"\conninfo"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "over tls" in out.stdout
+    assert "SSL connection" in out.stdout
+
+
+def test_asyncpg_with_an_ssl_context(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require"))
+
+    async def run() -> tuple[int, bool]:
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        conn = await asyncpg.connect(
+            host=proxy.host,
+            port=proxy.port,
+            user=APP_USER,
+            password=APP_PASSWORD,
+            database="appdb",
+            ssl=context,
+        )
+        try:
+            value = await conn.fetchval("SELECT 7 * 6")
+            used = conn._transport.get_extra_info("sslcontext") is not None
+            return value, used
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == (42, True)
+
+
+def test_require_refuses_a_client_without_tls(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require"))
+    with pytest.raises(psycopg.OperationalError, match=r"requires TLS \(client_tls.mode"):
+        connect(proxy, sslmode="disable")
+    with raw(proxy) as client:
+        client.send(startup_packet({"user": APP_USER, "database": "appdb"}))
+        error = client.error()
+        assert (error["C"], error["M"]) == ("28000", REQUIRE_MESSAGE)
+
+
+def test_allow_accepts_both(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "allow"))
+    with connect(proxy, sslmode="disable") as conn:
+        assert not conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with connect(proxy, sslmode="require") as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_disable_answers_no(proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory()
+    with connect(proxy, sslmode="prefer") as conn:
+        assert not conn.pgconn.ssl_in_use
+    with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        connect(proxy, sslmode="require")
+
+
+def test_client_certificates_checked_against_ca(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require", ca=True))
+    with pytest.raises(psycopg.OperationalError):
+        connect(proxy, sslmode="require")  # no client certificate
+    with connect(
+        proxy,
+        sslmode="verify-full",
+        sslrootcert=str(certs.ca),
+        sslcert=str(certs.client_cert),
+        sslkey=str(certs.client_key),
+    ) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_data_stuffed_after_ssl_request_is_refused(
+    proxy_factory: ProxyFactory, certs: Certs
+) -> None:
+    proxy = proxy_factory(client_tls(certs, "allow"))
+    with raw(proxy) as client:
+        client.send(_SSL_REQUEST + startup_packet({"user": APP_USER, "database": "appdb"}))
+        error = client.error()
+        assert error["C"] == "08P01"
+        assert "unencrypted data after SSL request" in error["M"]
+    with connect(proxy, sslmode="require") as conn:  # the proxy carries on
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_cancel_over_tls(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require"))
+    with connect(proxy, sslmode="require") as conn:
+        timer = threading.Timer(0.5, conn.cancel_safe)  # a cancel connection that uses TLS
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(20)")
+        finally:
+            timer.cancel()
+        assert time.monotonic() - started < 10
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_reload_serves_the_new_certificate(
+    proxy_factory: ProxyFactory, certs: Certs, tmp_path: Path
+) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.crt", "server.key"):
+        shutil.copy(certs.directory / name, live / name)
+    tls = {"mode": "require", "cert": str(live / "server.crt"), "key": str(live / "server.key")}
+    proxy = proxy_factory({"client_tls": tls})
+    assert served_certificate(proxy) == der(certs.server_cert)
+    other = make_certs(tmp_path / "other", prefix="other-")
+    shutil.copy(other.server_cert, live / "server.crt")
+    shutil.copy(other.server_key, live / "server.key")
+    with connect(proxy, sslmode="require") as kept:  # still the old certificate
+        proxy.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while served_certificate(proxy) != der(other.server_cert):
+            assert time.monotonic() < deadline, "the new certificate was not served"
+            time.sleep(0.1)
+        assert kept.execute("SELECT 1").fetchone() == (1,)
+    with connect(proxy, sslmode="verify-full", sslrootcert=str(other.ca)) as conn:
+        assert conn.pgconn.ssl_in_use
+
+
+# ---- server_tls ---------------------------------------------------------------------------------
+
+SSL_OF_BACKEND = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(certs: Certs) -> Iterator[Any]:
+    """A primary with ssl on, serving certs.server_cert (for localhost and 127.0.0.1)."""
+    from router.cluster import LocalCluster
+
+    # The server reads its key as the postgres OS user (when the tests run as root), and
+    # refuses a key others can read: a directory of its own, the key 0600.
+    directory = Path(tempfile.mkdtemp(prefix="pgrouter-tls-"))
+    cert, key = directory / "server.crt", directory / "server.key"
+    shutil.copy(certs.server_cert, cert)
+    shutil.copy(certs.server_key, key)
+    key.chmod(0o600)
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam("postgres")
+        for path in (directory, cert, key):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    cluster = LocalCluster(
+        replicas=0, settings={"ssl": "on", "ssl_cert_file": str(cert), "ssl_key_file": str(key)}
+    )
+    try:
+        cluster.start()
+        cluster.create_user(APP_USER, APP_PASSWORD)
+        cluster.create_database("appdb", owner=APP_USER)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def on(cluster: Any, server_tls: dict[str, str] | None = None) -> dict[str, Any]:
+    """A topology override: appdb served by `cluster`'s primary alone."""
+    primary = cluster.primary
+    override: dict[str, Any] = {
+        "databases": {"appdb": {"primary": f"{primary.host}:{primary.port}", "replicas": []}}
+    }
+    if server_tls is not None:
+        override["server_tls"] = server_tls
+    return override
+
+
+def backend_ssl(proxy: ProxyProcess) -> bool:
+    with connect(proxy) as conn:
+        row = conn.execute(SSL_OF_BACKEND).fetchone()
+        assert row is not None
+        return bool(row[0])
+
+
+def test_server_tls_prefer_is_the_default(proxy_factory: ProxyFactory, tls_cluster: Any) -> None:
+    assert backend_ssl(proxy_factory(on(tls_cluster)))
+
+
+def test_server_tls_modes_against_a_tls_server(
+    proxy_factory: ProxyFactory, tls_cluster: Any, certs: Certs
+) -> None:
+    assert not backend_ssl(proxy_factory(on(tls_cluster, {"mode": "disable"})))
+    assert backend_ssl(proxy_factory(on(tls_cluster, {"mode": "require"})))
+    verify = {"mode": "verify-full", "ca": str(certs.ca)}
+    assert backend_ssl(proxy_factory(on(tls_cluster, verify)))
+
+
+def test_server_tls_verify_full_refuses_a_certificate_from_another_ca(
+    proxy_factory: ProxyFactory, tls_cluster: Any, tmp_path: Path
+) -> None:
+    other = make_certs(tmp_path / "other", prefix="other-")
+    proxy = proxy_factory(on(tls_cluster, {"mode": "verify-ca", "ca": str(other.ca)}))
+    with pytest.raises(psycopg.OperationalError) as info:  # the first login needs a server
+        connect(proxy)
+    assert "certificate verify failed" in str(info.value)
+
+
+def test_server_tls_require_against_a_server_without_tls(proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory(server_tls={"mode": "require"})  # the shared cluster has ssl off
+    with pytest.raises(psycopg.OperationalError) as info:  # the first login needs a server
+        connect(proxy)
+    assert "does not support TLS (server_tls.mode: require)" in str(info.value)
