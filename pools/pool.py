@@ -85,6 +85,8 @@ class Pool:
         self.parameters: dict[str, str] | None = None  # the welcome set, from the first login
         self._welcome: dict[tuple[tuple[str, str], ...], bytes] = {}
         self.closed = False
+        # What acquire answers once the pool is closed (a fenced primary: its own reason).
+        self.refusal = (CANNOT_CONNECT_NOW, "pool is closed")
         self.paused = False
         self.last_error: PoolError | None = None
         # Plain counters, read by the stats and metrics at scrape time.
@@ -140,7 +142,7 @@ class Pool:
             self.assignment_count += 1
             return server
         if self.closed:
-            waiter.server_unavailable(CANNOT_CONNECT_NOW, "pool is closed")
+            waiter.server_unavailable(*self.refusal)
             return None
         self.waiters.append(waiter)
         self._wait_start[waiter] = time.monotonic()
@@ -336,6 +338,13 @@ class Pool:
             waiter = self.waiters.popleft()
             self._forget_waiter(waiter)
             waiter.server_unavailable(CANNOT_CONNECT_NOW, "pool is shutting down")
+
+    def drop_idle(self) -> None:
+        """The backend went down: close the idle servers (the busy ones end with their
+        transactions' errors); the pool stays usable for when it comes back."""
+        idle, self.idle = self.idle, deque()
+        for server in idle:
+            server.close()
 
     def server_gone(self, server: ServerConnection) -> None:
         """A server's socket closed (server restart, idle kill, crash)."""

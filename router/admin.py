@@ -748,12 +748,14 @@ class AdminConsole:
 
     def show_backends(self) -> bytes:
         """Every backend of every database: role and state as its monitor last saw them
-        (the topology's role until then), byte lag behind the database's primary, LSN."""
+        (the topology's role until then), byte and time lag behind the database's current
+        primary, LSN."""
         proxy = self.proxy
         rows = []
         for name, db in proxy.config.databases.items():
-            primary = proxy.monitors.get((db.primary.host, db.primary.port))
-            for i, endpoint in enumerate(db.backends):
+            current = proxy.primary_endpoint(db)
+            primary = proxy.monitors.get((current.host, current.port))
+            for endpoint in db.backends:
                 monitor = proxy.monitors.get((endpoint.host, endpoint.port))
                 if monitor is None or monitor.up is None:
                     pools = [
@@ -764,15 +766,17 @@ class AdminConsole:
                         and not p.closed
                     ]
                     down = pools and all(pool_unreachable(p) for p in pools)
-                    role = "primary" if i == 0 else "replica"
+                    role = "primary" if endpoint == current else "replica"
                     rows.append(
                         [name, endpoint.host, endpoint.port, role, "down" if down else "unknown",
                          None, None, None, None]
                     )  # fmt: skip
                     continue
-                lag = None
+                lag = time_lag = None
                 if monitor.in_recovery and monitor.lsn is not None and primary and primary.lsn:
                     lag = max(primary.lsn - monitor.lsn, 0)
+                if monitor.in_recovery:
+                    time_lag = f"{monitor.time_lag:.3f}"
                 checked = (
                     datetime.fromtimestamp(monitor.checked_at, UTC).isoformat(timespec="seconds")
                     if monitor.checked_at
@@ -780,7 +784,7 @@ class AdminConsole:
                 )
                 rows.append(
                     [name, endpoint.host, endpoint.port, monitor.role or "unknown",
-                     "up" if monitor.up else "down", lag, None,
+                     "up" if monitor.up else "down", lag, time_lag,
                      format_lsn(monitor.lsn) if monitor.lsn is not None else None, checked]
                 )  # fmt: skip
         return _rows(BACKENDS_COLUMNS, rows)

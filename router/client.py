@@ -639,7 +639,7 @@ class ClientSession(asyncio.Protocol):
         self.statement_mode = self.database.pool_mode == "statement"
         self.startup_settings = dict(self.settings)
         self.scanner.watch = not self.session_mode and self.proxy.config.max_prepared_statements > 0
-        self.pool = self.primary_pool = self.proxy.pool_for(self.database, self.user)
+        self.pool = self.primary_pool = self.proxy.primary_pool(self.database, self.user)
         if not self.session_mode:
             self.router = self.proxy.router_for(self.database)
             if self.router is not None:
@@ -758,7 +758,7 @@ class ClientSession(asyncio.Protocol):
             if not self.waiting and not self.checking:
                 self._begin()
             return
-        self._acquire(self.pool, data)  # type: ignore[arg-type]  # set at login
+        self._acquire(self.primary_pool, data)  # type: ignore[arg-type]  # set at login
 
     def _acquire(self, pool: Pool, data: bytes | None) -> None:
         """Ask `pool` for a server for `data` (None: the buffer)."""
@@ -964,6 +964,21 @@ class ClientSession(asyncio.Protocol):
         if self.waiting and self.state is State.READY and self.pool is not None:
             self.pool.cancel_wait(self._waiter)
             self.server_unavailable(e.QUERY_CANCELED, "canceling statement due to user request")
+
+    def primary_changed(self, pool: Pool) -> None:
+        """The database's writes go elsewhere now (a failover, or refused while two backends
+        claim to be primary): later transactions use `pool`, and one queued for the old
+        primary moves over."""
+        old, self.primary_pool = self.primary_pool, pool
+        if (
+            old is not None
+            and self.waiting
+            and self.pool is old
+            and self._waiter is self
+            and self.state is State.READY
+        ):
+            old.cancel_wait(self)
+            self._acquire(pool, None)
 
     def _settings_applied(self, server: ServerConnection, errors: list[dict[str, str]]) -> None:
         if not errors:

@@ -65,6 +65,7 @@ AUTH_TYPES = ("scram-sha-256", "md5", "trust", "plain")
 AUTH_RULE_METHODS = ("scram-sha-256", "md5", "password", "trust", "reject")
 ROUTING_READS = ("replicas", "primary", "any")
 READ_YOUR_WRITES_SCOPES = ("connection", "user_address")
+LAGGING_REPLICAS = ("primary", "least_lagged")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("console", "json")
 CLIENT_TLS_MODES = ("disable", "allow", "require")
@@ -238,6 +239,9 @@ class Routing:
     read_your_writes_scope: str = "connection"
     max_replica_lag_bytes: int | None = DEFAULT_MAX_REPLICA_LAG_BYTES
     max_replica_lag_seconds: float | None = None
+    # When every replica is beyond max_replica_lag: "primary" takes the reads, or
+    # "least_lagged" sends them to the replica closest to the primary.
+    lagging_replicas: str = "primary"
     # Function names (bare, or schema.name) the classifier takes as read-only although they
     # are VOLATILE, and as writers although they are not; writers win.
     read_only_functions: frozenset[str] = frozenset()
@@ -384,6 +388,13 @@ class Config:
     auth_query: str = DEFAULT_AUTH_QUERY
     auth_dbname: str | None = None  # where auth_query runs (None: the client's database)
     auth_query_ttl: float = 60.0  # how long a looked-up secret (or its absence) is reused
+    #: The backend monitors: one check per backend every interval (each bounded by timeout);
+    #: `health_check_fall` failed checks in a row take a backend down, `health_check_rise`
+    #: good ones bring it back.
+    health_check_interval: float = 0.1
+    health_check_timeout: float = 1.0
+    health_check_fall: int = 3
+    health_check_rise: int = 2
     users: Mapping[str, User] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     admin: Admin = field(default_factory=Admin)
     log: LogConfig = field(default_factory=LogConfig)
@@ -433,6 +444,10 @@ _TOP_KEYS = (
     "auth_query",
     "auth_dbname",
     "auth_query_ttl",
+    "health_check_interval",
+    "health_check_timeout",
+    "health_check_fall",
+    "health_check_rise",
     "users",
     "admin",
     "log",
@@ -456,6 +471,7 @@ _ROUTING_KEYS = (
     "read_your_writes",
     "read_your_writes_scope",
     "max_replica_lag",
+    "lagging_replicas",
     "read_only_functions",
     "writing_functions",
 )
@@ -767,6 +783,12 @@ def _routing(ck: _Checker, path: str, value: object) -> Routing:
             )
         else:
             lag_bytes, lag_seconds = parsed
+    lagging = ck.choice(
+        _join(path, "lagging_replicas"),
+        data.get("lagging_replicas", _MISSING),
+        "primary",
+        LAGGING_REPLICAS,
+    )
     return Routing(
         reads=reads,
         read_your_writes=ryw,
@@ -774,6 +796,7 @@ def _routing(ck: _Checker, path: str, value: object) -> Routing:
         read_your_writes_scope=scope,
         max_replica_lag_bytes=lag_bytes,
         max_replica_lag_seconds=lag_seconds,
+        lagging_replicas=lagging,
         read_only_functions=_function_names(ck, _join(path, "read_only_functions"), data),
         writing_functions=_function_names(ck, _join(path, "writing_functions"), data),
     )
@@ -1372,6 +1395,14 @@ def parse_config(
         auth_rules=auth_rules,
         max_user_client_connections=limit("max_user_client_connections"),
         max_db_client_connections=limit("max_db_client_connections"),
+        health_check_interval=duration("health_check_interval", positive=True),
+        health_check_timeout=duration("health_check_timeout", positive=True),
+        health_check_fall=ck.integer(
+            "health_check_fall", get("health_check_fall"), defaults.health_check_fall, 1
+        ),
+        health_check_rise=ck.integer(
+            "health_check_rise", get("health_check_rise"), defaults.health_check_rise, 1
+        ),
         source=source,
     )
     users = _users(ck, get("users"), env, auth_type, auth_rules)

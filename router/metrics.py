@@ -141,19 +141,29 @@ class ProxyCollector:
             "Bytes of WAL a replica has yet to replay, behind its database's primary",
             labels=labels,
         )
+        time_lag = GaugeMetricFamily(
+            "pgrouter_backend_lag_seconds",
+            "Seconds a replica is behind its database's primary",
+            labels=labels,
+        )
         checks = CounterMetricFamily(
             "pgrouter_backend_checks", "Health checks, by result", labels=[*labels, "result"]
         )
+        changes = CounterMetricFamily(
+            "pgrouter_backend_state_changes", "Up/down verdict changes", labels=labels
+        )
         proxy = self.proxy
-        primaries = {  # replica address -> its database's primary
-            (r.host, r.port): db.primary
-            for db in proxy.config.databases.values()
-            for r in db.replicas
-        }
+        primaries = {}  # backend address -> its database's current primary
+        for db in proxy.config.databases.values():
+            current = proxy.primary_endpoint(db)
+            for b in db.backends:
+                if b != current:
+                    primaries[(b.host, b.port)] = current
         for (host, port), monitor in proxy.monitors.items():
             name = [format_address(host, port)]
             checks.add_metric([*name, "ok"], monitor.checks)
             checks.add_metric([*name, "failed"], monitor.failures)
+            changes.add_metric(name, monitor.transitions)
             if monitor.up is None:
                 continue
             up.add_metric(name, 1 if monitor.up else 0)
@@ -165,7 +175,21 @@ class ProxyCollector:
             upstream = proxy.monitors.get((source.host, source.port)) if source else None
             if monitor.in_recovery and monitor.lsn is not None and upstream and upstream.lsn:
                 lag.add_metric(name, max(upstream.lsn - monitor.lsn, 0))
-        yield from (up, primary, lsn, lag, checks)
+            if monitor.in_recovery:
+                time_lag.add_metric(name, monitor.time_lag)
+        yield from (up, primary, lsn, lag, time_lag, checks, changes)
+        failovers = CounterMetricFamily(
+            "pgrouter_failovers", "Changes of a database's primary", labels=["database"]
+        )
+        fenced = GaugeMetricFamily(
+            "pgrouter_database_fenced",
+            "1 while writes are refused because two backends claim to be primary",
+            labels=["database"],
+        )
+        for db_name in proxy.config.databases:
+            failovers.add_metric([db_name], proxy.failovers.get(db_name, 0))
+            fenced.add_metric([db_name], 1 if db_name in proxy.fenced else 0)
+        yield from (failovers, fenced)
 
     def _routing(self) -> Iterator[Metric]:
         """Routing decisions and the classifier's cache, per database with replicas."""
@@ -187,6 +211,11 @@ class ProxyCollector:
         parse = CounterMetricFamily(
             "pgrouter_classifier_parse_seconds", "Time spent parsing statements", labels=db
         )
+        lagging = CounterMetricFamily(
+            "pgrouter_lagging_reads",
+            "Read-only transactions that found every replica beyond max_replica_lag",
+            labels=db,
+        )
         for name, router in self.proxy.routers.items():
             routed.add_metric([name, "replica"], router.to_replica)
             routed.add_metric([name, "primary"], router.to_primary)
@@ -196,7 +225,8 @@ class ProxyCollector:
             cache.add_metric([name, "hit"], router.classifier.hits)
             cache.add_metric([name, "miss"], router.classifier.misses)
             parse.add_metric([name], router.classifier.parse_seconds)
-        yield from (routed, fallbacks, misroutes, cache, parse)
+            lagging.add_metric([name], router.lag_fallbacks)
+        yield from (routed, fallbacks, misroutes, cache, parse, lagging)
 
     def _process(self) -> Iterator[Metric]:
         proxy = self.proxy

@@ -44,6 +44,12 @@ class Proxy:
         self.http: asyncio.Server | None = None
         self.monitors: dict[tuple[str, int], BackendMonitor] = {}  # by backend address
         self.routers: dict[str, Router] = {}  # databases whose reads may go to replicas
+        # Where each database's writes go now: its configured primary until a monitor shows
+        # another backend promoted. `fenced` holds the databases refusing writes because two
+        # backends claim to be primary, with the pool that answers the refusal.
+        self.primaries: dict[str, Endpoint] = {}
+        self.fenced: dict[str, Pool] = {}
+        self.failovers: dict[str, int] = {}  # primary changes, per database
         self.started = time.time()
         self.auth_failures = 0
         self.cancel_requests = 0
@@ -130,7 +136,8 @@ class Proxy:
         if login is None:
             log.warning("no user with a password: backends are not monitored")
             return
-        for database in self.config.databases.values():
+        c = self.config
+        for database in c.databases.values():
             for endpoint in database.backends:
                 address = (endpoint.host, endpoint.port)
                 if address not in self.monitors:
@@ -141,9 +148,112 @@ class Proxy:
                         login[1],
                         database.dbname,
                         tls=self.config.server_tls,
+                        interval=c.health_check_interval,
+                        timeout=c.health_check_timeout,
+                        fall=c.health_check_fall,
+                        rise=c.health_check_rise,
                     )
+                    monitor.listeners.append(self._backend_changed)
                     self.monitors[address] = monitor
-                    monitor.start()
+        for database in c.databases.values():
+            self._set_upstream(database)
+        for monitor in self.monitors.values():
+            monitor.start()
+
+    # ---- health and failover ------------------------------------------------------------------
+
+    def primary_endpoint(self, database: Database) -> Endpoint:
+        """Where `database`'s writes go now."""
+        return self.primaries.get(database.name, database.primary)
+
+    def primary_pool(self, database: Database, user: str) -> Pool:
+        """The pool a client's primary-bound transactions use: the current primary's, or the
+        refusing pool of a fenced database."""
+        fenced = self.fenced.get(database.name)
+        if fenced is not None:
+            return fenced
+        return self.pool_for(database, user)
+
+    def _set_upstream(self, database: Database) -> None:
+        """Replicas measure their time lag against the current primary."""
+        primary = self.primary_endpoint(database)
+        upstream = self.monitors.get((primary.host, primary.port))
+        for endpoint in database.backends:
+            monitor = self.monitors.get((endpoint.host, endpoint.port))
+            if monitor is not None and monitor is not upstream:
+                monitor.upstream = upstream
+
+    def _backend_changed(self, monitor: BackendMonitor) -> None:
+        """A monitor's verdict or role changed: no new work for a down backend, and every
+        database using it looks for its primary again."""
+        address = (monitor.host, monitor.port)
+        if not monitor.up:
+            for key, pool in self.pools.items():
+                if (key.host, key.port) == address:
+                    pool.drop_idle()
+        for database in self.config.databases.values():
+            if any((b.host, b.port) == address for b in database.backends):
+                self._resolve_primary(database)
+
+    def _resolve_primary(self, database: Database) -> None:
+        """Exactly one backend up and out of recovery: it is the primary. Two or more: fence
+        the database (writes refused) until one remains. None: keep the current one (its
+        connection errors tell the clients)."""
+        claims = []
+        for endpoint in database.backends:
+            monitor = self.monitors.get((endpoint.host, endpoint.port))
+            if monitor is not None and monitor.up and monitor.in_recovery is False:
+                claims.append(endpoint)
+        name = database.name
+        if len(claims) > 1:
+            if name not in self.fenced:
+                self._fence(database, claims)
+            return
+        if not claims:
+            return
+        new = claims[0]
+        old = self.primary_endpoint(database)
+        was_fenced = self.fenced.pop(name, None) is not None
+        if new != old:
+            self.primaries[name] = new
+            self.failovers[name] = self.failovers.get(name, 0) + 1
+            log.warning("primary changed", database=name, old=old.address, new=new.address)
+            self._set_upstream(database)
+        elif was_fenced:
+            log.warning("one primary again: writes accepted", database=name, primary=new.address)
+        if new != old or was_fenced:
+            self._repoint_clients(database)  # queued transactions move to the new primary
+        if new != old:
+            for key, pool in list(self.pools.items()):
+                if key.database == name and (key.host, key.port) == (old.host, old.port):
+                    pool.close()  # idle servers now, busy ones when their transaction ends
+
+    def _fence(self, database: Database, claims: list[Endpoint]) -> None:
+        name = database.name
+        addresses = ", ".join(e.address for e in claims)
+        message = (
+            f'database "{name}" has more than one primary ({addresses}): pgrouter refuses '
+            "writes until exactly one remains"
+        )
+        log.error("split brain: writes refused", database=name, primaries=addresses)
+        pool = Pool(
+            PoolKey(name, "", "fenced", 0), database.dbname, None, self._pool_settings(database)
+        )
+        pool.parameters = next(  # new clients can still log in and read
+            (p.parameters for k, p in self.pools.items() if k.database == name and p.parameters),
+            None,
+        )
+        pool.closed = True
+        pool.refusal = (e.CONNECTION_FAILURE, message)
+        self.fenced[name] = pool
+        self._repoint_clients(database)
+
+    def _repoint_clients(self, database: Database) -> None:
+        """Clients of `database` take their primary pool from here from now on."""
+        for client in list(self.clients):
+            db = client.database
+            if db is not None and db.name == database.name and client.primary_pool is not None:
+                client.primary_changed(self.primary_pool(database, client.user))
 
     def _start_routers(self) -> None:
         """A router for every database with replicas that may take reads."""
@@ -178,6 +288,11 @@ class Proxy:
                 router.stop()
             self.monitors.clear()
             self.routers.clear()
+            for name, endpoint in list(self.primaries.items()):
+                database = config.databases.get(name)
+                if database is None or endpoint not in database.backends:
+                    del self.primaries[name]
+            self.fenced.clear()
             self._start_monitors()
             self._start_routers()
         log.info("configuration reloaded", databases=len(config.databases))
@@ -478,7 +593,7 @@ class Proxy:
 
     def pool_for(self, database: Database, user: str, endpoint: Endpoint | None = None) -> Pool:
         """The pool for (database, user, backend); the primary until routing picks another."""
-        backend = endpoint or database.primary
+        backend = endpoint or self.primaries.get(database.name, database.primary)
         key = PoolKey(database.name, user, backend.host, backend.port)
         pool = self.pools.get(key)
         if pool is None or pool.closed:

@@ -60,6 +60,8 @@ class Router:
         self.ryw_fallbacks = 0  # read-only, kept on the primary by read-your-writes
         self.misroutes = 0  # a replica refused a read: retried on the primary
         self.catalog_waits = 0  # read-only, held on the primary until pg_proc was read
+        self.lag_fallbacks = 0  # read-only, every replica beyond max_replica_lag
+        self.all_lagging = False  # every usable replica is beyond max_replica_lag (logged once)
         self._misrouted: set[str] = set()
         self._readers: OrderedDict[tuple[str, str], Reader] = OrderedDict()
 
@@ -81,7 +83,7 @@ class Router:
 
     @property
     def primary(self) -> BackendMonitor | None:
-        p = self.database.primary
+        p = self.proxy.primary_endpoint(self.database)
         return self.proxy.monitors.get((p.host, p.port))
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -100,9 +102,9 @@ class Router:
         self._refresh.set()
 
     async def _learn_catalog(self) -> None:
-        primary = self.database.primary
         while True:
             generation = self._catalog_generation
+            primary = self.proxy.primary_endpoint(self.database)
             try:
                 conn = await open_server(
                     primary.host,
@@ -145,9 +147,13 @@ class Router:
         primary = self.primary
         primary_lsn = primary.lsn if primary is not None else None
         max_lag = self.routing.max_replica_lag_bytes
+        max_seconds = self.routing.max_replica_lag_seconds
         best: tuple[float, float] | None = None
         chosen: tuple[Endpoint, BackendMonitor] | None = None
-        for endpoint in self.database.replicas:
+        least: tuple[float, Endpoint, BackendMonitor] | None = None  # the least lagged
+        # Every backend in recovery may serve reads: after a failover the old primary can
+        # come back as a replica, and the promoted one is skipped (no longer in recovery).
+        for endpoint in self.database.backends:
             monitor = self.proxy.monitors.get((endpoint.host, endpoint.port))
             if monitor is None or not monitor.up or not monitor.in_recovery:
                 continue
@@ -155,6 +161,12 @@ class Router:
             if lsn is None or lsn < reader.min_lsn:
                 continue
             if max_lag is not None and primary_lsn is not None and primary_lsn - lsn > max_lag:
+                if least is None or primary_lsn - lsn < least[0]:
+                    least = (primary_lsn - lsn, endpoint, monitor)
+                continue
+            if max_seconds is not None and monitor.time_lag > max_seconds:
+                if least is None or monitor.time_lag < least[0]:
+                    least = (monitor.time_lag, endpoint, monitor)
                 continue
             pool = self.proxy.pool_for(self.database, user, endpoint)
             busy = len(pool.active) + len(pool.waiters)
@@ -163,6 +175,13 @@ class Router:
             score = (busy / endpoint.weight, self._served.get(endpoint, 0) / endpoint.weight)
             if best is None or score < best:
                 best, chosen = score, (endpoint, monitor)
+        if chosen is None and least is not None:
+            self._lagging(True)
+            self.lag_fallbacks += 1
+            if self.routing.lagging_replicas == "least_lagged":
+                chosen = least[1], least[2]
+        elif chosen is not None and self.all_lagging:
+            self._lagging(False)
         if chosen is None or (self.routing.reads == "any" and self._primary_turn()):
             if chosen is None:
                 self.no_replica += 1
@@ -174,6 +193,20 @@ class Router:
         reader.min_lsn = max(reader.min_lsn, monitor.lsn)  # monotonic reads
         self.to_replica += 1
         return endpoint
+
+    def _lagging(self, now: bool) -> None:
+        """Log once when every replica falls beyond max_replica_lag, once when one is back."""
+        if now == self.all_lagging:
+            return
+        self.all_lagging = now
+        if now:
+            log.warning(
+                "every replica lags beyond max_replica_lag",
+                database=self.database.name,
+                reads=self.routing.lagging_replicas,
+            )
+        else:
+            log.info("a replica is within max_replica_lag again", database=self.database.name)
 
     def _primary_turn(self) -> bool:
         """With reads: any, the primary takes its share as one more member of weight 1."""

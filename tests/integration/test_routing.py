@@ -29,6 +29,7 @@ import psycopg
 import pytest
 
 from tests.support import (
+    APP_USER,
     ProxyProcess,
     ProxyStartError,
     base_topology,
@@ -1021,3 +1022,39 @@ def test_function_lists(proxy_factory: Any, cluster: Any, objects: None) -> None
             time.sleep(0.05)
         for _ in range(10):
             assert conn.execute(f"SELECT abs(-1), {_RIR}").fetchone() == (1, False)
+
+
+def test_time_lag_limit(proxy_factory: Any, cluster: Any, objects: None) -> None:
+    """max_replica_lag as a duration: a replica whose replay is delayed beyond it takes no
+    reads while the primary writes, shows its lag in SHOW BACKENDS, and rejoins once it caught
+    up."""
+    proxy = proxy_factory(routed_config(max_replica_lag="1s"), admin={"users": [APP_USER]})
+    wait_routing(proxy)
+    slow, fast = cluster.replicas
+    with delayed(cluster, [slow], "3s"), connect(proxy) as writer:
+        ports: list[int] = []
+        lags: list[float] = []
+        start = time.monotonic()
+        while time.monotonic() - start < 4.0:
+            writer.execute(f"INSERT INTO {T} (tag, v) VALUES ('lag', 1)")
+            if time.monotonic() - start > 1.5:  # beyond the 1s limit by now
+                with connect(proxy) as reader:  # fresh: no monotonic-read position
+                    row = reader.execute("SELECT inet_server_port()").fetchone()
+                assert row is not None
+                ports.append(row[0])
+                with psycopg.connect(proxy.dsn(dbname="pgrouter"), autocommit=True) as admin:
+                    for r in admin.execute("SHOW BACKENDS").fetchall():
+                        if r[0] == "appdb" and int(r[2]) == slow.port:
+                            lags.append(float(r[6]))
+            time.sleep(0.1)
+        assert ports and slow.port not in ports, f"the delayed replica served reads: {ports}"
+        assert fast.port in ports, ports
+        assert max(lags) > 1.0, lags
+    deadline = time.monotonic() + 15
+    with connect(proxy) as conn:
+        while True:
+            row = conn.execute("SELECT inet_server_port()").fetchone()
+            if row is not None and row[0] == slow.port:
+                break
+            assert time.monotonic() < deadline, "the replica never rejoined the read set"
+            time.sleep(0.05)

@@ -431,7 +431,8 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "unknown key without a close match",
         db_with(routing={"zzz": 1}),
         "databases.appdb.routing.zzz: unknown key (expected one of: reads, read_your_writes, "
-        "read_your_writes_scope, max_replica_lag, read_only_functions, writing_functions)",
+        "read_your_writes_scope, max_replica_lag, lagging_replicas, read_only_functions, "
+        "writing_functions)",
     ),
     (
         "unknown endpoint key",

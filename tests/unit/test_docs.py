@@ -98,10 +98,10 @@ def _exported_metric_names() -> set[str]:
     proxy.pool_for(appdb, "app")
     primary, replica = appdb.primary, appdb.replicas[0]
     proxy.monitors[(primary.host, primary.port)] = SimpleNamespace(  # type: ignore[assignment]
-        up=True, in_recovery=False, lsn=2000, checks=1, failures=0
+        up=True, in_recovery=False, lsn=2000, checks=1, failures=0, transitions=1, time_lag=0.0
     )
     proxy.monitors[(replica.host, replica.port)] = SimpleNamespace(  # type: ignore[assignment]
-        up=True, in_recovery=True, lsn=1000, checks=1, failures=0
+        up=True, in_recovery=True, lsn=1000, checks=1, failures=0, transitions=1, time_lag=0.5
     )
     proxy.routers["appdb"] = SimpleNamespace(  # type: ignore[assignment]
         to_replica=1,
@@ -110,6 +110,7 @@ def _exported_metric_names() -> set[str]:
         ryw_fallbacks=0,
         misroutes=0,
         catalog_waits=0,
+        lag_fallbacks=0,
         classifier=SimpleNamespace(hits=1, misses=1, parse_seconds=0.01),
     )
     text = render(proxy).decode()
