@@ -287,6 +287,7 @@ def pgrouter_config(port: int, cluster: LocalCluster, pool_size: int) -> dict[st
         "auth_type": "md5",
         "users": {BENCH_USER: {"password": BENCH_PASSWORD}},
         "databases": {BENCH_DB: database},
+        "log": {"connections": False},  # as PgBouncer runs here (log_connections = 0)
     }
 
 

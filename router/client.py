@@ -394,10 +394,22 @@ class ClientSession(asyncio.Protocol):
         self._shut()
         self.transport.close()
 
+    def _log_login(self) -> None:
+        if self.proxy.config.log.connections:
+            database = self.database.name if self.database is not None else "pgrouter"
+            log.info("client login", client=self.peer, user=self.user, database=database)
+
     def _shut(self) -> None:
         """Give back or discard the server, leave the wait queue, forget the cancel key."""
         if self.state is State.CLOSED:
             return
+        if self.state in (State.READY, State.ADMIN) and self.proxy.config.log.connections:
+            log.info(
+                "client closed",
+                client=self.peer,
+                user=self.user,
+                seconds=round(time.monotonic() - self.connected_at, 3),
+            )
         self.state = State.CLOSED
         server = self.server
         if self.pins:
@@ -663,6 +675,7 @@ class ClientSession(asyncio.Protocol):
         welcome = self.pool.welcome(self.settings)
         self.transport.write(welcome + m.backend_key_data(*self.key) + m.READY_IDLE)
         self.state = State.READY
+        self._log_login()
         if self.buffer:
             early = bytes(self.buffer)
             self.buffer.clear()
@@ -695,6 +708,7 @@ class ClientSession(asyncio.Protocol):
         out += [m.backend_key_data(*self.proxy.register_cancel_key(self)), m.READY_IDLE]
         self.transport.write(b"".join(out))
         self.state = State.ADMIN
+        self._log_login()
 
     def _admin_data(self, data: bytes) -> None:
         assert self._reader is not None and self._console is not None

@@ -324,10 +324,12 @@ class Admin:
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    """Log level and renderer (``console`` for humans, ``json`` for collectors)."""
+    """Log level and renderer (``console`` for humans, ``json`` for collectors), and whether
+    client logins and disconnections are logged (one line each)."""
 
     level: str = "info"
     format: str = "console"
+    connections: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,7 +482,7 @@ _ENDPOINT_KEYS = ("host", "port", "weight")
 _USER_KEYS = ("password", "password_env", "max_client_connections")
 _RULE_KEYS = ("method", "database", "user", "address")
 _ADMIN_KEYS = ("users", "http")
-_LOG_KEYS = ("level", "format")
+_LOG_KEYS = ("level", "format", "connections")
 _CLIENT_TLS_KEYS = ("mode", "cert", "key", "ca")
 _SERVER_TLS_KEYS = ("mode", "ca")
 _MIN_PACKET_SIZE = 1024
@@ -557,6 +559,14 @@ class _Checker:
                 return default
         elif minimum is not None and value < minimum:
             self.error(path, f"must be >= {minimum}")
+            return default
+        return value
+
+    def boolean(self, path: str, value: object, default: bool) -> bool:
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.error(path, f"must be true or false, got {_type_name(value)}")
             return default
         return value
 
@@ -1173,6 +1183,7 @@ def _log(ck: _Checker, value: object) -> LogConfig:
     return LogConfig(
         level=ck.choice("log.level", level, "info", LOG_LEVELS),
         format=ck.choice("log.format", data.get("format", _MISSING), "console", LOG_FORMATS),
+        connections=ck.boolean("log.connections", data.get("connections", _MISSING), True),
     )
 
 

@@ -1,17 +1,37 @@
-"""Logging set-up: structlog to stderr, console or JSON, one line per event, no secrets."""
+"""Logging set-up: structlog to stderr, console or JSON, one line per event, no secrets.
+
+The level is a filter in the processor chain rather than in the bound loggers (which are
+cached on first use), so a reload can change it.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}  # fmt: skip
+           "error": logging.ERROR, "critical": logging.CRITICAL}  # fmt: skip
+_threshold = logging.INFO
+
+
+def _by_level(_logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    if _LEVELS.get(method, logging.INFO) < _threshold:
+        raise structlog.DropEvent
+    return event
+
+
+def set_level(level: str) -> None:
+    """Log events of `level` and above from now on."""
+    global _threshold
+    _threshold = _LEVELS.get(level, logging.INFO)
 
 
 def setup_logging(level: str = "info", fmt: str = "console") -> None:
+    set_level(level)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -19,12 +39,12 @@ def setup_logging(level: str = "info", fmt: str = "console") -> None:
     )
     structlog.configure(
         processors=[
+            _by_level,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )

@@ -28,6 +28,7 @@ from router.access import ClientLimits, choose_rule, peer_address, rule_refusal
 from router.auth_query import AuthQuery, LookupKey
 from router.client import PIN_REASONS, ClientSession, new_cancel_key
 from router.config import SCRAM_PREFIX, Config, ConfigError, Database, Endpoint, load_config
+from router.logs import set_level
 from router.routing import Router
 from router.statements import StatementRegistry
 
@@ -271,6 +272,9 @@ class Proxy:
 
     def reload(self, config: Config) -> None:
         """Use `config` for new logins and pool settings; connected clients stay."""
+        if config.log.level != self.config.log.level:
+            log.info("log level changed", old=self.config.log.level, new=config.log.level)
+        set_level(config.log.level)
         self.config = config
         self._secrets.clear()
         self.auth_query.clear()

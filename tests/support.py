@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -168,6 +168,12 @@ class ProxyProcess:
         except FileNotFoundError:
             return ""
 
+    def reload(self, config: dict[str, Any]) -> None:
+        """Rewrite the topology file and send SIGHUP."""
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.proc.send_signal(signal.SIGHUP)
+
 
 class ProxyStartError(Exception):
     """The proxy exited or did not listen in time; the message carries its log."""
@@ -221,3 +227,11 @@ def start_proxy(
             )
         time.sleep(0.05)
     return proxy
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll `predicate` every 0.1 s until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import struct
 import subprocess
 import time
@@ -21,7 +20,6 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-import yaml
 
 from router.cluster import conninfo
 from tests.integration.test_bad_input import (
@@ -37,6 +35,7 @@ from tests.support import (
     MD5_USER,
     ProxyProcess,
     free_port,
+    wait_for,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -91,19 +90,6 @@ def connect_soon(proxy: ProxyProcess, timeout: float = 3.0, **kw: Any) -> psycop
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-
-
-def reload(proxy: ProxyProcess, config: dict[str, Any]) -> None:
-    """Rewrite the proxy's topology file and send SIGHUP."""
-    proxy.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    proxy.proc.send_signal(signal.SIGHUP)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -218,21 +204,20 @@ def test_the_admin_console_is_matched_by_its_name(proxy_factory: ProxyFactory) -
 def test_a_reload_swaps_the_rules(proxy_factory: ProxyFactory) -> None:
     proxy = proxy_factory(auth_rules=[{"method": "md5"}])
     with connect(proxy) as held:
-        reload(
-            proxy,
+        proxy.reload(
             {
                 **proxy.config,
                 "auth_rules": [
                     {"database": "appdb", "method": "reject"},
                     {"method": "scram-sha-256"},
                 ],
-            },
+            }
         )
         wait_for(lambda: first_auth_request_or_error(proxy, "appdb") == "28000")
         assert first_auth_request(proxy, APP_USER, "otherdb") == AUTH_SASL
         assert held.execute("SELECT 1").fetchone() == (1,)  # connected clients stay
 
-        reload(proxy, {k: v for k, v in proxy.config.items() if k != "auth_rules"})
+        proxy.reload({k: v for k, v in proxy.config.items() if k != "auth_rules"})
         wait_for(lambda: first_auth_request_or_error(proxy, "appdb") == AUTH_MD5)  # auth_type
         assert held.execute("SELECT 2").fetchone() == (2,)
     assert proxy.returncode is None

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, ProxyProcess, free_port
+from tests.support import REPO_ROOT, ProxyProcess, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -240,3 +240,31 @@ def test_sigterm_while_a_query_runs_returns_its_result(proxy_factory: ProxyFacto
         worker.join(10)
         assert result == [("", "done")], result
         assert proxy.proc.wait(timeout=5) == 0
+
+
+def test_connection_events_and_log_level_on_reload(proxy_factory: Any) -> None:
+    """One line per client login and disconnection at level info; a reload to warning silences
+    them, and log.connections: false turns them off."""
+    proxy = proxy_factory({"log": {"level": "info"}})
+
+    def session(application_name: str) -> None:
+        with psycopg.connect(proxy.dsn(application_name=application_name), autocommit=True) as c:
+            c.execute("SELECT 1")
+
+    def lines(event: str) -> int:
+        return sum(event in line for line in proxy.log_text().splitlines())
+
+    session("first")
+    wait_for(lambda: lines("client closed") == 1)
+    assert lines("client login") == 1
+    proxy.reload({**proxy.config, "log": {"level": "warning"}})
+    wait_for(lambda: "log level changed" in proxy.log_text())
+    session("second")
+    proxy.reload({**proxy.config, "log": {"level": "info", "connections": False}})
+    session("third")
+    proxy.reload({**proxy.config, "log": {"level": "info"}})
+    time.sleep(0.5)
+    session("fourth")
+    wait_for(lambda: lines("client closed") == 2)
+    assert lines("client login") == 2
+    assert "app-secret" not in proxy.log_text()
