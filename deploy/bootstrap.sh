@@ -86,32 +86,58 @@ if [[ "$(id -u)" -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
     fi
 fi
 
-# Prometheus: tests/integration/test_dashboard.py runs the machine's prometheus binary
-# against a live pgrouter. Only the binary is needed: Debian's service is not started (a
-# temporary policy-rc.d stops apt from starting it). Without root it is optional: that
-# test is skipped.
+# Prometheus and pgbouncer_exporter: tests/integration/test_dashboard.py runs the machine's
+# prometheus binary against a live pgrouter, tests/integration/test_exporter.py the machine's
+# prometheus-pgbouncer-exporter against its admin console. Only the binaries are needed:
+# Debian's services are not started (a temporary policy-rc.d stops apt from starting them).
+# Without root: prometheus is optional (the dashboard test is skipped); without the exporter
+# its test fails and says what to install.
 have_prometheus() {
     [[ -x /usr/bin/prometheus ]] || command -v prometheus >/dev/null 2>&1
 }
 
-if ! have_prometheus; then
+have_pgbouncer_exporter() {
+    [[ -x /usr/bin/prometheus-pgbouncer-exporter ]] ||
+        command -v prometheus-pgbouncer-exporter >/dev/null 2>&1
+}
+
+# The package lists may predate a package (or be empty): update once and retry.
+apt_updated=""
+apt_install() {
+    apt-get install -y --no-install-recommends "$1" && return 0
+    [[ -z "$apt_updated" ]] || return 1
+    apt_updated=1
+    apt-get update && apt-get install -y --no-install-recommends "$1"
+}
+
+packages=()
+have_prometheus || packages+=(prometheus)
+have_pgbouncer_exporter || packages+=(prometheus-pgbouncer-exporter)
+if ((${#packages[@]})); then
     if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        echo "bootstrap: installing prometheus with apt-get" >&2
         export DEBIAN_FRONTEND=noninteractive
         if [[ ! -e /usr/sbin/policy-rc.d ]]; then
             printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
             chmod 755 /usr/sbin/policy-rc.d
             trap 'rm -f /usr/sbin/policy-rc.d' EXIT
         fi
-        # The package lists may predate prometheus (or be empty): update once and retry.
-        # Not fatal: only the dashboard test needs it, and it reports the problem.
-        apt-get install -y --no-install-recommends prometheus ||
-            { apt-get update && apt-get install -y --no-install-recommends prometheus; } ||
-            echo "bootstrap: apt-get could not install prometheus;" \
-                "tests/integration/test_dashboard.py will fail" >&2
+        # Not fatal: only the test that needs a package reports the problem.
+        for package in "${packages[@]}"; do
+            echo "bootstrap: installing $package with apt-get" >&2
+            apt_install "$package" ||
+                echo "bootstrap: apt-get could not install $package; the test that runs it" \
+                    "will fail" >&2
+        done
     else
-        echo "bootstrap: prometheus not found; the Grafana dashboard test will be skipped" \
-            "(Debian/Ubuntu: sudo apt-get install prometheus)" >&2
+        if ! have_prometheus; then
+            echo "bootstrap: prometheus not found; the Grafana dashboard test will be skipped" \
+                "(Debian/Ubuntu: sudo apt-get install prometheus)" >&2
+        fi
+        if ! have_pgbouncer_exporter; then
+            echo "bootstrap: prometheus-pgbouncer-exporter not found;" \
+                "tests/integration/test_exporter.py will fail" \
+                "(Debian/Ubuntu: sudo apt-get install prometheus-pgbouncer-exporter)" >&2
+        fi
     fi
 fi
 

@@ -15,6 +15,9 @@ has no such concept the column holds 0, an empty string or NULL. Differences tha
 - The `avg_*` columns are averages since the proxy started, not over PgBouncer's 60 s
   stats_period; transaction and query times are not measured yet and read 0.
 - Several commands may be sent in one Query, separated by ';' (PgBouncer takes one).
+- SHOW STATS and SHOW DATABASES end with a few extra columns under the names of older
+  PgBouncer releases (`total_requests`, `reserve_pool`, ...) for the pgbouncer_exporter
+  releases that still read them; clients that read columns by position are unaffected.
 
 The module also holds the snapshot helpers (`pool_states`, `database_totals`, ...) that the
 Prometheus collector (`router.metrics`) reads, so both report the same numbers.
@@ -60,6 +63,12 @@ _STAT_NAMES = (
     "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count",
     "bind_count", "client_login_count",
 )  # fmt: skip
+# Appended after PgBouncer's current columns: the names PgBouncer used before 1.8, which older
+# pgbouncer_exporter releases (Debian's prometheus-pgbouncer-exporter 1.7) read by name.
+# SHOW STATS: total_requests = total_query_count, avg_req = avg_query_count,
+# avg_query = avg_query_time. SHOW DATABASES: reserve_pool = reserve_pool_size.
+STATS_LEGACY_COLUMNS = ("total_requests", "avg_req", "avg_query")
+DATABASES_LEGACY_COLUMNS = ("reserve_pool",)
 STATS_COLUMNS = (
     "database",
     "total_server_assignment_count", "total_xact_count", "total_query_count",
@@ -69,6 +78,7 @@ STATS_COLUMNS = (
     "avg_server_assignment_count", "avg_xact_count", "avg_query_count", "avg_recv", "avg_sent",
     "avg_xact_time", "avg_query_time", "avg_wait_time", "avg_client_parse_count",
     "avg_server_parse_count", "avg_bind_count", "avg_client_login_count",
+    *STATS_LEGACY_COLUMNS,
 )  # fmt: skip
 STATS_TOTALS_COLUMNS = ("database", *_STAT_NAMES)
 STATS_AVERAGES_COLUMNS = ("database", *_STAT_NAMES)
@@ -83,6 +93,7 @@ DATABASES_COLUMNS = (
     "reserve_pool_size", "server_lifetime", "pool_mode", "load_balance_hosts",
     "max_connections", "current_connections", "max_client_connections",
     "current_client_connections", "paused", "disabled",
+    *DATABASES_LEGACY_COLUMNS,
 )  # fmt: skip
 USERS_COLUMNS = (
     "name", "pool_size", "reserve_pool_size", "pool_mode", "max_user_connections",
@@ -577,10 +588,11 @@ class AdminConsole:
 
     def show_stats(self) -> bytes:
         uptime = self._uptime()
-        rows = [
-            [name, *self._totals_row(t), *self._averages_row(t, uptime)]
-            for name, t in database_totals(self.proxy).items()
-        ]
+        rows = []
+        for name, t in database_totals(self.proxy).items():
+            totals, averages = self._totals_row(t), self._averages_row(t, uptime)
+            # the legacy columns: total_query_count, avg_query_count, avg_query_time
+            rows.append([name, *totals, *averages, totals[2], averages[2], averages[6]])
         return _rows(STATS_COLUMNS, rows)
 
     def show_stats_totals(self) -> bytes:
@@ -601,7 +613,8 @@ class AdminConsole:
         for pool in self.proxy.pools.values():
             total.add(pool)
         values = [*self._totals_row(total), *self._averages_row(total, self._uptime())]
-        return _rows(("name", "value"), zip(STATS_COLUMNS[1:], values, strict=True))
+        names = STATS_COLUMNS[1 : -len(STATS_LEGACY_COLUMNS)]
+        return _rows(("name", "value"), zip(names, values, strict=True))
 
     def show_clients(self) -> bytes:
         now_mono, now_wall = time.monotonic(), time.time()
@@ -679,7 +692,7 @@ class AdminConsole:
                 [name, db.primary.host, db.primary.port, db.dbname, None, db.pool_size,
                  db.min_pool_size, 0, int(config.server_lifetime), db.pool_mode, None, 0,
                  servers.get(name, 0), db.max_db_client_connections, clients.get(name, 0),
-                 is_paused(proxy, name), 0]
+                 is_paused(proxy, name), 0, 0]  # the last: reserve_pool (= reserve_pool_size)
             )  # fmt: skip
         return _rows(DATABASES_COLUMNS, rows)
 

@@ -42,7 +42,9 @@ STATS = [
     "avg_query_count", "avg_recv", "avg_sent", "avg_xact_time", "avg_query_time",
     "avg_wait_time", "avg_client_parse_count", "avg_server_parse_count", "avg_bind_count",
     "avg_client_login_count",
+    "total_requests", "avg_req", "avg_query",  # appended: names before PgBouncer 1.8
 ]  # fmt: skip
+STATS_LEGACY = 3  # the appended columns of SHOW STATS, not in SHOW TOTALS
 STATS_HALF = [
     "database", "server_assignment_count", "xact_count", "query_count", "bytes_received",
     "bytes_sent", "xact_time", "query_time", "wait_time", "client_parse_count",
@@ -58,6 +60,7 @@ DATABASES = [
     "reserve_pool_size", "server_lifetime", "pool_mode", "load_balance_hosts",
     "max_connections", "current_connections", "max_client_connections",
     "current_client_connections", "paused", "disabled",
+    "reserve_pool",  # appended: the older name of reserve_pool_size
 ]  # fmt: skip
 USERS = [
     "name", "pool_size", "reserve_pool_size", "pool_mode", "max_user_connections",
@@ -306,6 +309,23 @@ def test_show_columns_and_tag(console: AdminConsole, command: str, columns: list
     assert result.tag == "SHOW"
 
 
+# What Debian's prometheus-pgbouncer-exporter 1.7 (collectors.py) reads by name; its
+# SHOW STATS and SHOW DATABASES keys include names of PgBouncer before 1.8.
+EXPORTER_READS = {
+    "SHOW STATS": {"database", "total_requests", "total_received", "total_sent",
+                   "total_query_time"},
+    "SHOW POOLS": {"database", "user", "cl_active", "cl_waiting"},
+    "SHOW DATABASES": {"database", "pool_size", "reserve_pool"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(EXPORTER_READS))
+def test_columns_pgbouncer_exporter_reads(console: AdminConsole, command: str) -> None:
+    columns = one(console, command).columns
+    assert EXPORTER_READS[command] <= set(columns)
+    assert len(set(columns)) == len(columns)
+
+
 def test_show_pools_sums_backends_per_database_and_user(proxy: Proxy) -> None:
     appdb = proxy.config.databases["appdb"]
     primary = proxy.pool_for(appdb, "app")
@@ -370,6 +390,8 @@ def test_show_stats_sums_the_pools_of_each_database(proxy: Proxy) -> None:
     assert s["total_client_login_count"] == "22"
     assert s["total_xact_time"] == s["total_query_time"] == s["total_bind_count"] == "0"
     assert s["avg_wait_time"] == str(2_750_000 // 33)  # per server assignment
+    assert s["total_requests"] == s["total_query_count"]
+    assert (s["avg_req"], s["avg_query"]) == (s["avg_query_count"], s["avg_query_time"])
     assert all(v == "0" for k, v in stats["sessions"].items() if k != "database")
 
     totals = one(console, "SHOW STATS_TOTALS").dicts()
@@ -384,8 +406,8 @@ def test_show_stats_sums_the_pools_of_each_database(proxy: Proxy) -> None:
     assert averages[0]["database"] == "appdb"
     assert averages[0]["wait_time"] == str(2_750_000 // 33)
 
-    total_rows = dict(one(console, "SHOW TOTALS").rows)  # type: ignore[arg-type]
-    assert list(total_rows) == STATS[1:]
+    total_rows = {row[0]: row[1] for row in one(console, "SHOW TOTALS").rows}
+    assert list(total_rows) == STATS[1:-STATS_LEGACY]
     assert total_rows["total_xact_count"] == "55"
     assert total_rows["total_wait_time"] == "2750000"
 
@@ -469,6 +491,7 @@ def test_show_databases_users_lists(proxy: Proxy) -> None:
         "server_lifetime": "3600", "pool_mode": "transaction", "load_balance_hosts": None,
         "max_connections": "0", "current_connections": "3", "max_client_connections": "0",
         "current_client_connections": "2", "paused": "0", "disabled": "0",
+        "reserve_pool": "0",
     }  # fmt: skip
     assert (dbs["sessions"]["port"], dbs["sessions"]["pool_size"]) == ("6543", "7")
     assert dbs["sessions"]["pool_mode"] == "session"
@@ -482,7 +505,7 @@ def test_show_databases_users_lists(proxy: Proxy) -> None:
 
     lists = one(console, "SHOW LISTS")
     assert [r[0] for r in lists.rows] == LISTS
-    items = dict(lists.rows)  # type: ignore[arg-type]
+    items = {row[0]: row[1] for row in lists.rows}
     assert (items["databases"], items["users"], items["pools"]) == ("2", "3", "3")
     assert (items["used_clients"], items["login_clients"], items["used_servers"]) == ("3", "1", "1")
 
