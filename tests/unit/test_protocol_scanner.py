@@ -12,9 +12,11 @@ from protocol.errors import ProtocolViolation
 from protocol.scanner import BackendScanner, FrontendScanner
 from tests.unit.protocol_helpers import (
     FAST,
+    FRONTEND_TYPES,
     READY_NEEDLE,
     Message,
     backend_messages,
+    bodies,
     bytewise,
     chunk_offsets,
     frame,
@@ -287,3 +289,167 @@ def test_frontend_oversize_after_valid_messages_raises(
     with pytest.raises(ProtocolViolation):
         for chunk in split_at(stream, cuts):
             scanner.feed(chunk)
+
+
+# ---- FrontendScanner.watch: the first Parse of a named statement --------------------------------
+
+P = ord("P")
+
+
+def parse_msg(name: bytes, text: bytes = b"SELECT 1") -> bytes:
+    return frame(b"P", name + b"\0" + text + b"\0\0\0")
+
+
+def watching(max_size: int = 1 << 20) -> FrontendScanner:
+    scanner = FrontendScanner(max_size)
+    scanner.watch = True
+    return scanner
+
+
+def test_frontend_watch_notes_first_named_parse() -> None:
+    q = frame(b"Q", b"SELECT 1\0")
+    unnamed = parse_msg(b"")
+    first, second = parse_msg(b"s1"), parse_msg(b"s2")
+    data = q + frame(b"S") + unnamed + first + second + frame(b"S")
+    scanner = watching()
+    assert scanner.feed(data) == 3
+    at = len(q) + 5 + len(unnamed)
+    assert (scanner.named_at, scanner.named_end, scanner.named_syncs) == (
+        at,
+        at + len(first),
+        2,
+    )
+    assert not scanner.watch  # later ones are not noted
+    scanner.feed(parse_msg(b"s3"))
+    assert scanner.named_at == at
+
+
+def test_frontend_watch_off_notes_nothing() -> None:
+    scanner = FrontendScanner(max_size=1000)
+    assert not scanner.watch
+    scanner.feed(parse_msg(b"s1") + frame(b"S"))
+    assert (scanner.named_at, scanner.named_end, scanner.named_syncs) == (0, 0, 0)
+
+
+def test_frontend_watch_counts_syncs_in_its_chunk_only() -> None:
+    scanner = watching()
+    assert scanner.feed(frame(b"S") + frame(b"S")) == 2
+    assert scanner.named_end == 0
+    assert scanner.watch
+    assert scanner.feed(frame(b"Q", b"x\0") + parse_msg(b"s1")) == 1
+    assert scanner.named_syncs == 1
+    assert scanner.named_at == 7
+
+
+def test_frontend_watch_parse_header_split() -> None:
+    message = parse_msg(b"s1")
+    for split in range(1, 5):
+        scanner = watching()
+        scanner.feed(frame(b"S") + message[:split])
+        assert scanner.named_end == 0
+        scanner.feed(message[split:] + frame(b"S"))
+        # The Parse began in the earlier chunk: a negative offset, its end in this chunk.
+        assert scanner.named_at == -split
+        assert scanner.named_end == len(message) - split
+        assert scanner.named_syncs == 0
+
+
+def test_frontend_watch_parse_body_in_later_chunks() -> None:
+    message = parse_msg(b"s1", b"SELECT " + b"x" * 100)
+    scanner = watching()
+    scanner.feed(message[:10])
+    # Noted from its header: the end lies beyond this chunk.
+    assert (scanner.named_at, scanner.named_end) == (0, len(message))
+
+
+def test_frontend_watch_after_a_skipped_body() -> None:
+    long_query = frame(b"Q", b"x" * 100)
+    scanner = watching()
+    assert scanner.feed(long_query[:20]) == 1
+    message = parse_msg(b"s1")
+    scanner.feed(long_query[20:] + message)
+    assert scanner.named_at == len(long_query) - 20
+    assert scanner.named_syncs == 0
+
+
+def test_frontend_watch_unnamed_parse_at_chunk_end_counts_as_named() -> None:
+    """Its name byte not yet seen, an unnamed Parse whose header ends the chunk is taken
+    for a named one (tracking then starts early, which is harmless)."""
+    message = parse_msg(b"")
+    scanner = watching()
+    scanner.feed(message[:5])
+    assert (scanner.named_at, scanner.named_end) == (0, len(message))
+    scanner = watching()
+    scanner.feed(message)
+    assert scanner.named_end == 0
+    assert scanner.watch
+
+
+parse_messages = st.sampled_from([b"", b"s1", b"__asyncpg_stmt_1__"]).map(
+    lambda name: (P, parse_msg(name)[5:])
+)
+
+
+def with_parses(allow_large: bool) -> st.SearchStrategy[list[Message]]:
+    return st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(FRONTEND_TYPES), bodies(allow_large)),
+            parse_messages,
+            st.sampled_from([(S, b""), (Q, b"SELECT 1\0")]),
+        ),
+        max_size=20,
+    )
+
+
+def expected_named(
+    msgs: list[Message], data: bytes, chunks: list[bytes]
+) -> tuple[int, int, int, int] | None:
+    """(offset, end, Query/Sync/FunctionCall before it, start of the chunk completing its
+    header) of the first Parse the scanner takes for a named one: its name byte is not NUL,
+    or is not in the chunk completing its header."""
+    ends = []
+    offset = 0
+    for chunk in chunks:
+        offset += len(chunk)
+        ends.append((offset - len(chunk), offset))
+    pos = syncs = 0
+    for kind, body in msgs:
+        if kind == P:
+            header_end = pos + 5
+            start, end = next((s, e) for s, e in ends if s < header_end <= e)
+            if header_end == end or data[header_end] != 0:
+                return pos, pos + 5 + len(body), syncs, start
+        elif kind in ANSWERED:
+            syncs += 1
+        pos += 5 + len(body)
+    return None
+
+
+@FAST
+@given(with_parses(allow_large=True), st.data())
+def test_frontend_watch_any_split(msgs: list[Message], data: st.DataObject) -> None:
+    stream = join(msgs)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
+    chunks = split_at(stream, cuts)
+    if data.draw(st.booleans()):
+        chunks = [c for c in chunks if c] or [b""]
+    expected = expected_named(msgs, stream, chunks)
+    scanner = watching()
+    before = 0
+    noted: tuple[int, int, int, int] | None = None
+    for start, chunk in chunk_offsets(chunks):
+        counted = scanner.feed(chunk)
+        if noted is None and scanner.named_end:
+            assert not scanner.watch
+            noted = (
+                start + scanner.named_at,
+                start + scanner.named_end,
+                before + scanner.named_syncs,
+                start,
+            )
+        before += counted
+    if expected is None:
+        assert noted is None
+        assert scanner.watch
+    else:
+        assert noted == expected
