@@ -378,14 +378,16 @@ class ClientStatements:
                 pos = n
                 break
             pos = end
-        if start == 0 and pos == n:
-            return data if not out else b"".join(out) + data
-        out.append(data[start:pos])
-        if pos < n:
-            self._partial = data[pos:]
+        if start == 0 and pos == n:  # nothing rewritten or held back
+            result = data if not out else b"".join(out) + data
+        else:
+            out.append(data[start:pos])
+            if pos < n:
+                self._partial = data[pos:]
+            result = b"".join(out)
         if self._steps and self._batch is None:  # spans chunks: its replies may start now
             self._follow(server)
-        return b"".join(out)
+        return result
 
     def _boundary(self, server: ServerConnection) -> None:
         self._batch = None
