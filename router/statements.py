@@ -173,7 +173,17 @@ class _Step:
     """A message sent in a followed batch, what to do with its reply, and what to undo if
     the server did not run it."""
 
-    __slots__ = ("action", "client", "evicted", "kind", "name", "replaces", "reply", "statement")
+    __slots__ = (
+        "action",
+        "client",
+        "evicted",
+        "forgot",
+        "kind",
+        "name",
+        "replaces",
+        "reply",
+        "statement",
+    )
 
     def __init__(
         self,
@@ -185,6 +195,7 @@ class _Step:
         name: bytes = b"",
         evicted: bytes = b"",
         replaces: bool = False,
+        forgot: Statement | None = None,
     ) -> None:
         self.kind = kind
         self.action = action
@@ -194,6 +205,7 @@ class _Step:
         self.name = name
         self.evicted = evicted  # the server name this Close removes
         self.replaces = replaces  # a fresh Parse after closing the server's older copy
+        self.forgot = forgot  # the client's Close made `name` forget it
 
 
 class _Batch:
@@ -450,10 +462,13 @@ class ClientStatements:
             prefix = self._ensure(statement, server)
             self._steps.append(_D)
             return prefix + _message(_D, b"S" + statement.name + b"\x00")
-        # Close: forget the name; the server never had it, so it answers CloseComplete.
-        if target == b"S" and name:
-            self.names.pop(name, None)
-        self._steps.append(_C)
+        # Close: forget the name; the server never had it, so it answers CloseComplete. (Kept
+        # for the undo: skipped after an earlier error, the Close never happened.)
+        forgotten = self.names.pop(name, None) if target == b"S" and name else None
+        if forgotten is None:
+            self._steps.append(_C)
+        else:
+            self._act(_Step(_C, forgot=forgotten, name=name), server)
         return None
 
     def _parse(self, body: bytes, server: ServerConnection) -> bytes | None:
@@ -612,9 +627,10 @@ class ClientStatements:
         if kind == _Z:
             self.answered += 1
             self.batches.popleft()
-            if batch.failed:  # the failed step and everything after it never ran
-                for i, step in enumerate(batch.steps[batch.pos :]):
-                    self._undo(step, batch.server, skipped=i > 0)
+            if batch.failed:  # the failed step and everything after it never ran: undone
+                steps = batch.steps[batch.pos :]  # last first, so each undo sees the state
+                for i in range(len(steps) - 1, -1, -1):  # its own step had left
+                    self._undo(steps[i], batch.server, skipped=i > 0)
             return None
         if batch.failed or batch.pos >= len(batch.steps):
             return None
@@ -647,6 +663,8 @@ class ClientStatements:
             del self.names[step.name]
         if step.evicted:
             server.prepared[step.evicted] = None
+        if step.forgot is not None and step.name not in self.names:
+            self.names[step.name] = step.forgot
 
 
 _REWRITTEN = frozenset((_P, _B, _D, _C, _Q))

@@ -1530,13 +1530,6 @@ def test_pipelined_failed_batches_undo_an_eviction_of_a_statement_never_prepared
     assert world.seen[1] == PARSE_COMPLETE + rows(SELECT_1) + READY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_undo runs forward over the skipped steps: a Close evicting pgrouter_1 then our "
-    "Parse of pgrouter_1 again end with pgrouter_1 off the server list though the server "
-    "still has it (the Close was skipped); the next Bind of a sends that Parse again and the "
-    "client gets 42P05 'prepared statement \"pgrouter_1\" already exists'",
-)
 def test_undo_of_evict_then_reprepare_in_one_failed_batch() -> None:
     units = [
         on(0, 0, batch(parse(b"a", SELECT_1), parse(b"b", SELECT_2), SYNC)),
@@ -1548,12 +1541,6 @@ def test_undo_of_evict_then_reprepare_in_one_failed_batch() -> None:
     assert world.seen[2] == rows(SELECT_1) + READY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Close of a statement is forgotten when rewritten, not undone when the server "
-    "skips it after an earlier error: a later Bind of 'a' goes out as 'a' and gets 26000 "
-    "'prepared statement \"a\" does not exist'",
-)
 def test_close_skipped_after_error() -> None:
     units = [
         on(0, 0, batch(parse(b"a", SELECT_1), SYNC)),
