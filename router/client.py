@@ -765,13 +765,15 @@ class ClientSession(asyncio.Protocol):
             or self.waiting
             or self.checking
             or self.buffer
-            or self.statements is not None
             or data[0] in _COPY_MESSAGES
+            or (data[0] == 80 and self.statements is not None)  # maybe answered here
         ):
             self.buffer += data
             if not self.waiting and not self.checking:
                 self._begin()
             return
+        if self.statements is not None:
+            self._guard_against_stale(data)
         self._acquire(self.primary_pool, data)  # type: ignore[arg-type]  # set at login
 
     def _acquire(self, pool: Pool, data: bytes | None) -> None:
@@ -814,20 +816,20 @@ class ClientSession(asyncio.Protocol):
             if target is True:
                 continue  # answered here (SET pgrouter.route); look at what follows
             assert isinstance(target, Pool)
-            if (
-                self.statements is not None
-                and self.pending == 1
-                and buf.endswith(_SYNC)
-                and _DESCRIBE_PORTAL in buf
-            ):
-                # One autocommit Bind..Sync of a prepared statement, whose client asks for the
-                # row description (so a new one is fine): held until it is clear the server's
-                # copy was not made stale by a schema change.
-                self._guard_stale = self.statements.bound(buf)
-                if self._guard_stale is not None:
-                    self._guard = bytes(buf)
+            if self.statements is not None:
+                self._guard_against_stale(buf)
             self._acquire(target, None)
             return
+
+    def _guard_against_stale(self, batch: bytes | bytearray) -> None:
+        """One autocommit Bind..Sync of a prepared statement, whose client asks for the row
+        description (so a new one is fine): its reply is held until it is clear the server's
+        copy was not made stale by a schema change."""
+        if self.pending == 1 and batch.endswith(_SYNC) and _DESCRIBE_PORTAL in batch:
+            assert self.statements is not None
+            self._guard_stale = self.statements.bound(batch)
+            if self._guard_stale is not None:
+                self._guard = bytes(batch)
 
     def _route(self) -> Pool | bool:
         """The pool for the transaction at the head of the buffer; False while its first
@@ -1165,7 +1167,10 @@ class ClientSession(asyncio.Protocol):
         before the client has seen anything."""
         if not self._guard_retry:
             out = self._guard_out
-            if not out and _refusal(data) == "":  # the usual case: results from the start
+            if not out and (
+                (data[0] == 50 and self._guard_stale is not None)  # BindComplete: not stale
+                or _refusal(data) == ""  # the usual case: results from the start
+            ):
                 self._guard = None
                 self._unguarded(data, count)
                 return

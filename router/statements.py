@@ -293,7 +293,7 @@ class ClientStatements:
         self.names[name] = statement
         return PARSE_COMPLETE + READY_IDLE
 
-    def bound(self, buf: bytearray) -> Statement | None:
+    def bound(self, buf: bytes | bytearray) -> Statement | None:
         """The statement a batch starting with a Bind binds, if it is one of ours."""
         if buf[0] != _B:
             return None
