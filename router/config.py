@@ -461,6 +461,7 @@ _DATABASE_KEYS = (
     "dbname",
     "primary",
     "replicas",
+    "hosts",
     "pool_mode",
     "pool_size",
     "min_pool_size",
@@ -836,8 +837,18 @@ def _database(ck: _Checker, path: str, name: str, value: object, top: Config) ->
     dbname = ck.string(_join(path, "dbname"), data.get("dbname", _MISSING), name, non_empty=True)
 
     primary: Endpoint | None = None
-    if data.get("primary") is None:
-        ck.error(_join(path, "primary"), "required")
+    hosts = data.get("hosts")
+    if hosts is not None:
+        # Roles found by the health checks: the first host is only the starting guess.
+        if "primary" in data or "replicas" in data:
+            ck.error(_join(path, "hosts"), "list either hosts or primary/replicas, not both")
+        elif not isinstance(hosts, list) or not hosts:
+            ck.error(_join(path, "hosts"), "must be a non-empty list of host:port")
+        else:
+            primary = _endpoint(ck, f"{_join(path, 'hosts')}[0]", hosts[0])
+            data = {**data, "replicas": hosts[1:]}
+    elif data.get("primary") is None:
+        ck.error(_join(path, "primary"), "required (or hosts, to find the roles)")
     else:
         primary = _endpoint(ck, _join(path, "primary"), data["primary"])
 
@@ -846,9 +857,13 @@ def _database(ck: _Checker, path: str, name: str, value: object, top: Config) ->
     if raw_replicas is not None and not isinstance(raw_replicas, list):
         ck.error(_join(path, "replicas"), f"must be a list, got {_type_name(raw_replicas)}")
     else:
-        seen = {(primary.host, primary.port): "primary"} if primary else {}
+        listed = "replicas" if hosts is None else "hosts"
+        seen: dict[tuple[str, int], str] = {}
+        if primary is not None:
+            seen[(primary.host, primary.port)] = "primary" if hosts is None else "hosts[0]"
         for i, item in enumerate(raw_replicas or ()):
-            item_path = f"{_join(path, 'replicas')}[{i}]"
+            at = i if hosts is None else i + 1
+            item_path = f"{_join(path, listed)}[{at}]"
             endpoint = _endpoint(ck, item_path, item)
             if endpoint is None:
                 continue
@@ -856,7 +871,7 @@ def _database(ck: _Checker, path: str, name: str, value: object, top: Config) ->
             if key in seen:
                 ck.error(item_path, f"{endpoint.address} is already listed as {seen[key]}")
                 continue
-            seen[key] = f"replicas[{i}]"
+            seen[key] = f"{listed}[{at}]"
             replicas.append(endpoint)
 
     pool_mode = ck.choice(

@@ -30,8 +30,10 @@ import pytest
 
 from tests.support import (
     APP_USER,
+    DELETE,
     ProxyProcess,
     ProxyStartError,
+    address,
     base_topology,
     deep_merge,
     free_port,
@@ -1058,3 +1060,40 @@ def test_time_lag_limit(proxy_factory: Any, cluster: Any, objects: None) -> None
                 break
             assert time.monotonic() < deadline, "the replica never rejoined the read set"
             time.sleep(0.05)
+
+
+def test_hosts_without_roles_find_the_primary(
+    proxy_factory: Any, cluster: Any, objects: None
+) -> None:
+    """`hosts:` lists the backends without roles, a replica first: writes still reach the
+    primary and reads the replicas, as the health checks tell them apart."""
+    hosts = [address(r) for r in cluster.replicas] + [address(cluster.primary)]
+    proxy = proxy_factory(
+        {
+            "databases": {
+                "appdb": {
+                    "hosts": hosts,
+                    "primary": DELETE,
+                    "replicas": DELETE,
+                    "routing": {"reads": "replicas"},
+                }
+            }
+        }
+    )
+    tag = f"hosts-{uuid.uuid4().hex[:8]}"
+    with connect(proxy) as conn:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                row = conn.execute(_INSERT_RET % tag).fetchone()
+                break
+            except psycopg.errors.ReadOnlySqlTransaction:
+                assert time.monotonic() < deadline, "writes never reached the primary"
+                time.sleep(0.05)
+        assert row == (False,)
+        deadline = time.monotonic() + 10
+        while conn.execute(f"SELECT {_RIR}").fetchone() != (True,):
+            assert time.monotonic() < deadline, "reads never reached a replica"
+            time.sleep(0.05)
+        for i in range(5):
+            assert conn.execute(_INSERT_RET % f"{tag}-{i}").fetchone() == (False,)

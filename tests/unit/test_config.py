@@ -893,7 +893,7 @@ def test_all_errors_are_collected() -> None:
         "pool_mode: must be one of session, transaction, statement (got 'bogus')",
         "users.u: needs password or password_env (auth_type is scram-sha-256)",
         "log.level: must be one of debug, info, warning, error (got 'loud')",
-        "databases.a.primary: required",
+        "databases.a.primary: required (or hosts, to find the roles)",
         "databases.a.replicas[0]: port must be 1..65535",
         "databases.b.routing.reads: must be one of replicas, primary, any (got 'nowhere')",
         "databases.pgrouter: the name 'pgrouter' is reserved for the admin console",
@@ -1337,3 +1337,29 @@ def test_server_tls_errors(tmp_path: Path) -> None:
     assert errors_of(config_with(server_tls={"mode": "require", "ca": 5})) == [
         "server_tls.ca: must be a file path, got 5"
     ]
+
+
+def test_hosts_without_roles() -> None:
+    """hosts: the roles are found by the health checks; the first host is the starting guess."""
+    data = config_with()
+    data["databases"] = {"appdb": {"hosts": ["10.0.0.2:5432", "10.0.0.1", "[::1]:5433"]}}
+    database = parse_config(data).databases["appdb"]
+    assert database.primary == Endpoint("10.0.0.2", 5432)
+    assert database.replicas == (Endpoint("10.0.0.1", 5432), Endpoint("::1", 5433))
+
+
+@pytest.mark.parametrize(
+    ("hosts_db", "message"),
+    [
+        ({"hosts": []}, "databases.appdb.hosts: must be a non-empty list of host:port"),
+        (
+            {"hosts": ["a:1"], "primary": "a:2"},
+            "databases.appdb.hosts: list either hosts or primary/replicas, not both",
+        ),
+        ({"hosts": ["a:1", "a:1"]}, "databases.appdb.hosts[1]: a:1 is already listed as hosts[0]"),
+    ],
+)
+def test_hosts_errors(hosts_db: dict[str, Any], message: str) -> None:
+    data = config_with()
+    data["databases"] = {"appdb": hosts_db}
+    assert message in errors_of(data)
