@@ -322,6 +322,25 @@ class ClientStatements:
     def feed(self, data: bytes, server: ServerConnection) -> bytes:
         """Rewrite complete messages for `server`. An incomplete Parse, Bind, Describe, Close
         or Query waits for the rest; other messages stream through."""
+        if data[:1] == b"B" and not (self.skip or self._need or self._partial or self._steps):
+            # The usual chunk: one execution of a prepared statement the server holds.
+            name_at = data.find(0, 5) + 1
+            name_end = data.find(0, name_at) if name_at else -1
+            bind_end = 1 + int.from_bytes(data[1:5], "big")
+            statement = self.names.get(data[name_at:name_end]) if name_end > 0 else None
+            if (
+                statement is not None
+                and not statement.touches
+                and data[bind_end:] in _EXECUTE_TAILS
+                and statement.name in server.prepared
+            ):
+                server.prepared.move_to_end(statement.name)
+                self.sent += 1
+                new_name = statement.name
+                size = bind_end - 1 + len(new_name) - (name_end - name_at)
+                return b"".join(
+                    (b"B", size.to_bytes(4, "big"), data[5:name_at], new_name, data[name_end:])
+                )
         out: list[bytes] = []
         pos, n = 0, len(data)
         if self.skip:
@@ -668,6 +687,13 @@ class ClientStatements:
 
 
 _REWRITTEN = frozenset((_P, _B, _D, _C, _Q))
+# What follows a Bind in the usual chunk: (Describe portal,) Execute all rows, Sync.
+_EXECUTE_TAILS = frozenset(
+    (
+        b"D\x00\x00\x00\x06P\x00E\x00\x00\x00\x09\x00\x00\x00\x00\x00S\x00\x00\x00\x04",
+        b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00S\x00\x00\x00\x04",
+    )
+)
 _STEPPED = frozenset((_E, _S, _F))  # other messages with a reply of their own
 
 
