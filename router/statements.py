@@ -27,6 +27,7 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 from protocol import errors as e
+from protocol import messages as m
 
 if TYPE_CHECKING:
     from pools.server import ServerConnection
@@ -44,7 +45,6 @@ _ENDS = {
 }
 _ABSENT = b"pgrouter\x01absent"  # a name no statement or portal has
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
-READY_IDLE = b"Z\x00\x00\x00\x05I"
 
 # Statements that may change session state: SET/RESET/DISCARD/LISTEN/... at the start of a
 # statement, or temporary objects, set_config and advisory locks anywhere. A false positive
@@ -106,7 +106,15 @@ def custom_settings(text: bytes) -> list[str]:
 
 
 def _message(kind: int, body: bytes) -> bytes:
-    return bytes((kind,)) + (len(body) + 4).to_bytes(4, "big") + body
+    return m.message(bytes((kind,)), body)
+
+
+def _renamed(data: bytes, pos: int, end: int, name_at: int, name_end: int, name: bytes) -> bytes:
+    """The Bind at data[pos:end] with the statement name at data[name_at:name_end] replaced."""
+    size = end - pos - 1 + len(name) - (name_end - name_at)
+    return b"".join(
+        (b"B", size.to_bytes(4, "big"), data[pos + 5 : name_at], name, data[name_end:end])
+    )
 
 
 _FAILING_DESCRIBE = _message(_D, b"S" + _ABSENT + b"\x00")  # a statement nobody has: 26000
@@ -289,16 +297,15 @@ class ClientStatements:
             return None
         if name in self.names:
             message = f'prepared statement "{name.decode("utf-8", "replace")}" already exists'
-            return e.error_response("42P05", message) + READY_IDLE
+            return e.error_response("42P05", message) + m.READY_IDLE
         self.names[name] = statement
-        return PARSE_COMPLETE + READY_IDLE
+        return PARSE_COMPLETE + m.READY_IDLE
 
     def bound(self, buf: bytes | bytearray) -> Statement | None:
         """The statement a batch starting with a Bind binds, if it is one of ours."""
         if buf[0] != _B:
             return None
-        name_at = buf.index(0, 5) + 1
-        return self.names.get(bytes(buf[name_at : buf.index(0, name_at)]))
+        return self._bound(bytes(buf), 0, 1 + int.from_bytes(buf[1:5], "big"))[0]
 
     def renew(self, old: Statement) -> None:
         """`old` went stale on a server: this client's names move to a fresh copy."""
@@ -324,23 +331,20 @@ class ClientStatements:
         or Query waits for the rest; other messages stream through."""
         if data[:1] == b"B" and not (self.skip or self._need or self._partial or self._steps):
             # The usual chunk: one execution of a prepared statement the server holds.
-            name_at = data.find(0, 5) + 1
-            name_end = data.find(0, name_at) if name_at else -1
             bind_end = 1 + int.from_bytes(data[1:5], "big")
-            statement = self.names.get(data[name_at:name_end]) if name_end > 0 else None
-            if (
-                statement is not None
-                and not statement.touches
-                and data[bind_end:] in _EXECUTE_TAILS
-                and statement.name in server.prepared
-            ):
-                server.prepared.move_to_end(statement.name)
-                self.sent += 1
-                new_name = statement.name
-                size = bind_end - 1 + len(new_name) - (name_end - name_at)
-                return b"".join(
-                    (b"B", size.to_bytes(4, "big"), data[5:name_at], new_name, data[name_end:])
-                )
+            if data[bind_end:] in _EXECUTE_TAILS:
+                statement, name_at, name_end = self._bound(data, 0, bind_end)
+                if (
+                    statement is not None
+                    and not statement.touches
+                    and statement.name in server.prepared
+                ):
+                    server.prepared.move_to_end(statement.name)
+                    self.sent += 1
+                    return (
+                        _renamed(data, 0, bind_end, name_at, name_end, statement.name)
+                        + (data[bind_end:])
+                    )
         out: list[bytes] = []
         pos, n = 0, len(data)
         if self.skip:
@@ -357,30 +361,18 @@ class ClientStatements:
             self._partial = b""
             pos, n = 0, len(data)
         start = pos
-        names = self.names
-        prepared = server.prepared
         while pos + 5 <= n:
             kind = data[pos]
             end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if kind == _B and end <= n:  # the usual message: inline
-                name_at = data.index(0, pos + 5) + 1
-                name_end = data.index(0, name_at)
-                statement = names.get(data[name_at:name_end]) if name_end > name_at else None
-                if statement is not None:
-                    if statement.name in prepared:
-                        prepared.move_to_end(statement.name)
-                        prefix = b""
-                    else:
-                        prefix = self._ensure(statement, server)
+            if kind == _B and end <= n:
+                statement, name_at, name_end = self._bound(data, pos, end)
+                if statement is not None:  # else unnamed or unknown: the server's own answer
+                    prefix = self._ensure(statement, server)
                     if statement.touches:
                         self._touch(statement.body)
-                    new_name = statement.name
-                    size = end - pos - 1 + len(new_name) - (name_end - name_at)
                     out.append(data[start:pos])
-                    out.append(prefix + b"B" + size.to_bytes(4, "big"))
-                    out.append(data[pos + 5 : name_at])
-                    out.append(new_name)
-                    out.append(data[name_end:end])
+                    out.append(prefix)
+                    out.append(_renamed(data, pos, end, name_at, name_end, statement.name))
                     start = end
                 self._steps.append(_B)
             elif kind == _D and end <= n and data[pos + 5] == 80:  # Describe portal
@@ -395,15 +387,8 @@ class ClientStatements:
                     start = end
             elif kind in _STEPPED:
                 self._steps.append(kind)
-                if kind != _E:  # Sync, FunctionCall: the batch ends
-                    if self._batch is None:
-                        self._steps.clear()
-                    else:
-                        self._batch = None
-                        self._steps = []
-                    self.sent += 1
-            if kind == _Q:
-                self._boundary(server)
+            if kind in _BOUNDARY:
+                self._boundary()
             if end > n:  # a long message streams through
                 self._need = end - n
                 pos = n
@@ -420,10 +405,23 @@ class ClientStatements:
             self._follow(server)
         return result
 
-    def _boundary(self, server: ServerConnection) -> None:
-        self._batch = None
-        self._steps = []
+    def _boundary(self) -> None:
+        """A Sync, Query or FunctionCall: the batch is sent."""
+        if self._batch is None:
+            self._steps.clear()
+        else:  # its steps now belong to the followed batch
+            self._batch = None
+            self._steps = []
         self.sent += 1
+
+    def _bound(self, data: bytes, pos: int, end: int) -> tuple[Statement | None, int, int]:
+        """The statement the Bind at data[pos:end] names (None: unnamed, not ours, or a
+        malformed message the server will refuse), and where the name is."""
+        name_at = data.find(0, pos + 5, end) + 1
+        name_end = data.find(0, name_at, end) if name_at else -1
+        if name_end <= name_at:
+            return None, name_at, name_end
+        return self.names.get(data[name_at:name_end]), name_at, name_end
 
     def _act(self, step: _Step, server: ServerConnection) -> None:
         """A step whose reply needs changing: follow the open batch."""
@@ -456,19 +454,6 @@ class ClientStatements:
             replaced = self._query(body[:-1], server)
             self._steps.append(_Q)
             return replaced
-        if kind == _B:
-            portal_end = body.index(0)
-            name_end = body.index(0, portal_end + 1)
-            statement = self.names.get(body[portal_end + 1 : name_end])
-            if statement is None:  # unnamed, or unknown: the server's own answer
-                self._steps.append(_B)
-                return None
-            if statement.touches:
-                self._touch(statement.body)
-            prefix = self._ensure(statement, server)
-            self._steps.append(_B)
-            new = body[: portal_end + 1] + statement.name + body[name_end:]
-            return prefix + _message(_B, new)
         if kind == _P:
             return self._parse(body, server)
         target = body[:1]
