@@ -446,6 +446,12 @@ class ClientSession(asyncio.Protocol):
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
 
     @property
+    def peer_host(self) -> str:
+        """The client's address without the port: whose read-your-writes state it shares."""
+        peer = self.transport.get_extra_info("peername")
+        return peer[0] if isinstance(peer, tuple) else str(peer)
+
+    @property
     def logging_in(self) -> bool:
         return self.state in (State.STARTUP, State.AUTH, State.WELCOME)
 
@@ -655,9 +661,7 @@ class ClientSession(asyncio.Protocol):
         if not self.session_mode:
             self.router = self.proxy.router_for(self.database)
             if self.router is not None:
-                peer = self.transport.get_extra_info("peername")
-                host = peer[0] if isinstance(peer, tuple) else str(peer)
-                self.reader = self.router.reader_for(self.user, host)
+                self.reader = self.router.reader_for(self.user, self.peer_host)
         self.key = self.proxy.register_cancel_key(self)
         if self.pool.parameters is not None:
             self._welcome()
@@ -995,6 +999,18 @@ class ClientSession(asyncio.Protocol):
         ):
             old.cancel_wait(self)
             self._acquire(pool, None)
+
+    def reconfigured(self, database: Database, router: Router | None, primary: Pool) -> None:
+        """A reload changed this client's database: its next transaction follows the new
+        backends and routing options (its pool mode stays what it logged in with)."""
+        if self.state not in (State.READY, State.WELCOME):
+            return  # logging in (the login finishes with the new configuration) or closed
+        self.database = database
+        if not self.session_mode:
+            old, self.router = self.router, router
+            if router is not None and old is None:  # reads may leave the primary from now on
+                self.reader = router.reader_for(self.user, self.peer_host)
+        self.primary_changed(primary)
 
     def _settings_applied(self, server: ServerConnection, errors: list[dict[str, str]]) -> None:
         if not errors:

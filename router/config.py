@@ -246,6 +246,7 @@ class Routing:
     # are VOLATILE, and as writers although they are not; writers win.
     read_only_functions: frozenset[str] = frozenset()
     writing_functions: frozenset[str] = frozenset()
+    classifier_cache_size: int = 10000  # statement texts whose verdict is kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +478,7 @@ _ROUTING_KEYS = (
     "lagging_replicas",
     "read_only_functions",
     "writing_functions",
+    "classifier_cache_size",
 )
 _FUNCTION_NAME = re.compile(r"(?:[a-z_][a-z0-9_$]*\.)?[a-z_][a-z0-9_$]*\Z")
 _ENDPOINT_KEYS = ("host", "port", "weight")
@@ -810,6 +812,13 @@ def _routing(ck: _Checker, path: str, value: object) -> Routing:
         lagging_replicas=lagging,
         read_only_functions=_function_names(ck, _join(path, "read_only_functions"), data),
         writing_functions=_function_names(ck, _join(path, "writing_functions"), data),
+        classifier_cache_size=ck.integer(
+            _join(path, "classifier_cache_size"),
+            data.get("classifier_cache_size", _MISSING),
+            10000,
+            0,
+            10_000_000,
+        ),
     )
 
 

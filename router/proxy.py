@@ -132,34 +132,33 @@ class Proxy:
         return None
 
     def _start_monitors(self) -> None:
-        """One monitor per backend address, shared by the databases that use it."""
+        """One monitor per backend address, shared by the databases that use it. On a reload,
+        the monitors of backends still listed keep their verdicts and take the new settings."""
         login = self._monitor_login()
+        c = self.config
+        wanted: dict[tuple[str, int], str] = {}  # backend address -> a database to log in to
         if login is None:
             log.warning("no user with a password: backends are not monitored")
-            return
-        c = self.config
-        for database in c.databases.values():
-            for endpoint in database.backends:
-                address = (endpoint.host, endpoint.port)
-                if address not in self.monitors:
-                    monitor = BackendMonitor(
-                        endpoint.host,
-                        endpoint.port,
-                        login[0],
-                        login[1],
-                        database.dbname,
-                        tls=self.config.server_tls,
-                        interval=c.health_check_interval,
-                        timeout=c.health_check_timeout,
-                        fall=c.health_check_fall,
-                        rise=c.health_check_rise,
-                    )
-                    monitor.listeners.append(self._backend_changed)
-                    self.monitors[address] = monitor
+        else:
+            for database in c.databases.values():
+                for endpoint in database.backends:
+                    wanted.setdefault((endpoint.host, endpoint.port), database.dbname)
+        for address in [a for a in self.monitors if a not in wanted]:
+            self.monitors.pop(address).stop()
+        for (host, port), dbname in wanted.items():
+            assert login is not None
+            monitor = self.monitors.get((host, port))
+            if monitor is None:
+                monitor = BackendMonitor(host, port, login[0], login[1], dbname)
+                monitor.listeners.append(self._backend_changed)
+                self.monitors[(host, port)] = monitor
+                monitor.start()
+            monitor.user, monitor.password, monitor.dbname = login[0], login[1], dbname
+            monitor.tls = c.server_tls
+            monitor.interval, monitor.timeout = c.health_check_interval, c.health_check_timeout
+            monitor.fall, monitor.rise = c.health_check_fall, c.health_check_rise
         for database in c.databases.values():
             self._set_upstream(database)
-        for monitor in self.monitors.values():
-            monitor.start()
 
     # ---- health and failover ------------------------------------------------------------------
 
@@ -257,15 +256,25 @@ class Proxy:
                 client.primary_changed(self.primary_pool(database, client.user))
 
     def _start_routers(self) -> None:
-        """A router for every database with replicas that may take reads."""
+        """A router for every database with replicas that may take reads. On a reload, a
+        database's router stays (with what it learned) and takes the new routing options."""
         login = self._monitor_login()
-        if login is None:
-            return
-        for database in self.config.databases.values():
-            if database.replicas and database.routing.reads != "primary":
-                router = Router(self, database, login)
-                self.routers[database.name] = router
+        wanted = {
+            name: database
+            for name, database in self.config.databases.items()
+            if login is not None and database.replicas and database.routing.reads != "primary"
+        }
+        for name in [n for n in self.routers if n not in wanted]:
+            self.routers.pop(name).stop()
+        for name, database in wanted.items():
+            assert login is not None
+            router = self.routers.get(name)
+            if router is None:
+                router = self.routers[name] = Router(self, database, login)
                 router.start()
+            else:
+                router.login = login
+                router.reconfigure(database)
 
     def router_for(self, database: Database) -> Router | None:
         return self.routers.get(database.name)
@@ -280,25 +289,32 @@ class Proxy:
         self.auth_query.clear()
         for key, pool in self.pools.items():
             database = config.databases.get(key.database)
-            if database is None:
-                pool.close()
+            if (
+                database is None
+                or pool.dbname != database.dbname
+                or not any((b.host, b.port) == (key.host, key.port) for b in database.backends)
+            ):
+                pool.close()  # new transactions open a pool for what the file says now
             else:
                 pool.settings = self._pool_settings(database)
                 pool.password = self._server_password(key.database, key.user)
+        for name, endpoint in list(self.primaries.items()):
+            database = config.databases.get(name)
+            if database is None or endpoint not in database.backends:
+                del self.primaries[name]
+        for name in [n for n in self.fenced if n not in config.databases]:
+            del self.fenced[name]
         if self._janitor is not None:  # running: the backends may have changed
-            for monitor in self.monitors.values():
-                monitor.stop()
-            for router in self.routers.values():
-                router.stop()
-            self.monitors.clear()
-            self.routers.clear()
-            for name, endpoint in list(self.primaries.items()):
-                database = config.databases.get(name)
-                if database is None or endpoint not in database.backends:
-                    del self.primaries[name]
-            self.fenced.clear()
             self._start_monitors()
             self._start_routers()
+            for database in config.databases.values():
+                self._resolve_primary(database)
+        for client in list(self.clients):
+            old = client.database
+            new = config.databases.get(old.name) if old is not None else None
+            if new is not None and new is not old:
+                router = self.routers.get(new.name)
+                client.reconfigured(new, router, self.primary_pool(new, client.user))
         log.info("configuration reloaded", databases=len(config.databases))
 
     # ---- admin commands -----------------------------------------------------------------------

@@ -45,9 +45,7 @@ class Router:
         self.database = database
         self.routing = database.routing
         self.login = login
-        self.classifier = Classifier(
-            allow=self.routing.read_only_functions, deny=self.routing.writing_functions
-        )
+        self.classifier = self._classifier()
         self.catalog_known = False  # until pg_proc was read: every read goes to the primary
         self._catalog_generation = 0
         self._refresh = asyncio.Event()
@@ -64,6 +62,29 @@ class Router:
         self.all_lagging = False  # every usable replica is beyond max_replica_lag (logged once)
         self._misrouted: set[str] = set()
         self._readers: OrderedDict[tuple[str, str], Reader] = OrderedDict()
+
+    def _classifier(self) -> Classifier:
+        r = self.routing
+        return Classifier(
+            r.classifier_cache_size, allow=r.read_only_functions, deny=r.writing_functions
+        )
+
+    def reconfigure(self, database: Database) -> None:
+        """A reload: the new options apply to every client's next transaction at once, while
+        what was learned (counters, read-your-writes positions, the classifier's cache) stays,
+        unless the function lists changed: then verdicts are made afresh."""
+        old, self.database, self.routing = self.routing, database, database.routing
+        new = self.routing
+        if (old.read_only_functions, old.writing_functions) != (
+            new.read_only_functions,
+            new.writing_functions,
+        ):
+            self.classifier = self._classifier()
+            self.catalog_changed()  # the new classifier learns pg_proc's functions again
+        else:
+            self.classifier.cache_size = max(0, new.classifier_cache_size)
+        if new.read_your_writes_scope != "user_address":
+            self._readers.clear()
 
     def reader_for(self, user: str, address: str) -> Reader:
         """The read-your-writes state a client starts with: its own, or with

@@ -308,6 +308,7 @@ def test_endpoint_address() -> None:
             {"writing_functions": ["audit_read"]},
             Routing(writing_functions=frozenset({"audit_read"})),
         ),
+        ({"classifier_cache_size": 0}, Routing(classifier_cache_size=0)),
     ],
 )
 def test_routing(routing: object, expected: Routing) -> None:
@@ -432,7 +433,7 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         db_with(routing={"zzz": 1}),
         "databases.appdb.routing.zzz: unknown key (expected one of: reads, read_your_writes, "
         "read_your_writes_scope, max_replica_lag, lagging_replicas, read_only_functions, "
-        "writing_functions)",
+        "writing_functions, classifier_cache_size)",
     ),
     (
         "unknown endpoint key",
@@ -524,6 +525,11 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "routing.reads",
         db_with(routing={"reads": "replica"}),
         "databases.appdb.routing.reads: must be one of replicas, primary, any (got 'replica')",
+    ),
+    (
+        "routing.classifier_cache_size",
+        db_with(routing={"classifier_cache_size": -1}),
+        "databases.appdb.routing.classifier_cache_size: must be 0..10000000",
     ),
     (
         "routing.read_only_functions",

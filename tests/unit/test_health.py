@@ -298,3 +298,19 @@ def test_old_primary_back_as_a_replica_serves_reads(proxy: Proxy) -> None:
     good(proxy.monitors[P], recovery=True, lsn=200)
     endpoint = router.read_endpoint(Reader(), "app")
     assert endpoint is not None and (endpoint.host, endpoint.port) == P
+
+
+def test_router_reconfigure_keeps_learned_state(proxy: Proxy) -> None:
+    """A reload's routing options reach the router in place: lag limits and the cache size
+    apply at once; the cache and counters stay unless the function lists change."""
+    router = routed(proxy, classifier_cache_size=5)
+    assert router.classifier.cache_size == 5
+    lagging(proxy, 5.0, 3.0)
+    assert router.read_endpoint(Reader(), "app") is not None  # default lag limit is in bytes
+    classifier = router.classifier
+    router.reconfigure(routed(proxy, max_replica_lag="1s", classifier_cache_size=0).database)
+    assert router.read_endpoint(Reader(), "app") is None  # the new time limit applies
+    assert router.classifier is classifier and classifier.cache_size == 0
+    assert router.to_replica == 1 and router.catalog_known
+    router.reconfigure(routed(proxy, writing_functions=["audit_read"]).database)
+    assert router.classifier is not classifier and not router.catalog_known
