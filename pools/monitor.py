@@ -104,6 +104,8 @@ class BackendMonitor:
         # (monotonic time, position) the upstream was seen at, beyond this replica's replay
         self._targets: deque[tuple[float, int]] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # check now instead of at the end of the interval
+        self._suspect = False  # a pool connection broke: the next failed check counts at once
 
     @property
     def address(self) -> str:
@@ -127,7 +129,12 @@ class BackendMonitor:
         conn: ServerConnection | None = None
         try:
             while True:
+                self._wake.clear()
+                suspect, self._suspect = self._suspect, False
                 try:
+                    if suspect and conn is not None:  # a new login is what a shutdown refuses
+                        conn.abort()
+                        conn = None
                     if conn is None or conn.closed:
                         conn = await open_server(
                             self.host,
@@ -147,8 +154,11 @@ class BackendMonitor:
                     if conn is not None:
                         conn.abort()
                         conn = None
-                    self.failed(_describe(exc), at_once=_fails_at_once(exc))
-                await asyncio.sleep(self.interval)
+                    self.failed(_describe(exc), at_once=suspect or fails_at_once(exc))
+                if not self._wake.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.interval):
+                            await self._wake.wait()
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -203,6 +213,14 @@ class BackendMonitor:
             log.warning("backend state", backend=self.address, state="down", error=error)
             self._notify()
 
+    def suspect(self) -> None:
+        """A pool connection to this backend broke (a FATAL such as 57P01, or the socket
+        closed): check now, and if that check fails the backend is down at once. A server
+        shutting down refuses the check (57P03, or no listener); one session ended by
+        pg_terminate_backend does not take a healthy server down."""
+        self._suspect = True
+        self._wake.set()
+
     def _notify(self) -> None:
         for listener in self.listeners:
             listener(self)
@@ -239,7 +257,7 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _fails_at_once(exc: BaseException) -> bool:
+def fails_at_once(exc: BaseException) -> bool:
     """A refused connection, a timeout, or the server shutting down or starting up."""
     if isinstance(exc, TimeoutError | ConnectionRefusedError):
         return True

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import structlog
 
+from pools.monitor import fails_at_once
 from pools.server import ServerConnection, TLSOptions, open_server
 from protocol import messages as m
 from protocol.auth import LoginError, ServerSecret
@@ -56,6 +57,14 @@ class Waiter(Protocol):
     def server_unavailable(self, sqlstate: str, message: str) -> None: ...
 
 
+class BackendTrouble(Protocol):
+    """Told what a pool's connections learn about their backend: `error` when it is down
+    (refused, timed out, shutting down or starting up), None when a connection broke and
+    the backend should be checked now."""
+
+    def __call__(self, host: str, port: int, error: str | None) -> None: ...
+
+
 class PoolError(Exception):
     def __init__(self, sqlstate: str, message: str) -> None:
         super().__init__(message)
@@ -85,10 +94,9 @@ class Pool:
         self.parameters: dict[str, str] | None = None  # the welcome set, from the first login
         self._welcome: dict[tuple[tuple[str, str], ...], bytes] = {}
         self.closed = False
-        # What acquire answers once the pool is closed (a fenced primary: its own reason).
-        self.refusal = (CANNOT_CONNECT_NOW, "pool is closed")
         self.paused = False
         self.last_error: PoolError | None = None
+        self.on_trouble: BackendTrouble | None = None  # set by the proxy
         # Plain counters, read by the stats and metrics at scrape time.
         self.xact_count = 0  # transactions (server releases)
         self.query_count = 0  # ReadyForQuery answered (simple queries and Syncs)
@@ -142,7 +150,7 @@ class Pool:
             self.assignment_count += 1
             return server
         if self.closed:
-            waiter.server_unavailable(*self.refusal)
+            waiter.server_unavailable(CANNOT_CONNECT_NOW, "pool is closed")
             return None
         self.waiters.append(waiter)
         self._wait_start[waiter] = time.monotonic()
@@ -262,6 +270,7 @@ class Pool:
     async def _connect(self) -> None:
         key = self.key
         error: PoolError | None = None
+        down = False
         try:
             server = await open_server(
                 key.host,
@@ -274,13 +283,17 @@ class Pool:
             )
         except LoginError as exc:
             error = PoolError(exc.sqlstate, exc.message)
+            down = fails_at_once(exc)
         except (OSError, TimeoutError, ConnectionError) as exc:
             what = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
             error = PoolError(
                 CONNECTION_FAILURE, f"cannot connect to {key.host}:{key.port}: {what}"
             )
+            down = fails_at_once(exc)
         self.connecting -= 1
         if error is not None:
+            if down and self.on_trouble is not None:  # before the waiters hear: they may move
+                self.on_trouble(key.host, key.port, error.message)
             self._connect_failed(error)
             return
         self.connect_count += 1
@@ -348,6 +361,8 @@ class Pool:
 
     def server_gone(self, server: ServerConnection) -> None:
         """A server's socket closed (server restart, idle kill, crash)."""
+        if server.broken and self.on_trouble is not None:
+            self.on_trouble(server.host, server.port, None)
         self.active.discard(server)
         with contextlib.suppress(ValueError):
             self.idle.remove(server)

@@ -81,6 +81,7 @@ class ServerConnection(asyncio.Protocol):
         "_hidden_left",
         "_hidden_rows",
         "backend_key",
+        "broken",
         "client",
         "closed",
         "created",
@@ -124,6 +125,7 @@ class ServerConnection(asyncio.Protocol):
         self.created = time.monotonic()
         self.last_used = self.created
         self.closed = False
+        self.broken = False  # the server (or the network) closed it, not us
         self.retired = False  # past server_lifetime: closed instead of reused
         self.reading_paused = False
         self.on_lost: Callable[[ServerConnection], None] | None = None  # the owning pool's hook
@@ -208,6 +210,7 @@ class ServerConnection(asyncio.Protocol):
         self.scanner.errors.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.broken = not self.closed
         self.closed = True
         reason = str(exc) if exc else "server closed the connection"
         if not self.login_done.done():

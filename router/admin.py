@@ -749,6 +749,7 @@ class AdminConsole:
                 ("primary", "read_your_writes", router.ryw_fallbacks),
                 ("primary", "functions_not_yet_known", router.catalog_waits),
                 ("primary", "replica_refused_retried", router.misroutes),
+                ("any", "server_lost_retried", router.lost_retries),
             ]
             rows += [[name, target, reason, count] for target, reason, count in counts]
         return _rows(ROUTES_COLUMNS, rows)

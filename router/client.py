@@ -61,6 +61,8 @@ FATAL_LINGER = 1.0  # seconds a connection stays half-closed after a FATAL error
 PAUSE_POLL = 0.05  # seconds between checks for the end of running transactions (PAUSE)
 GUARD_LIMIT = 64 * 1024  # a replica reply held longer than this is forwarded as it is
 _RETRY_SQLSTATES = frozenset({"25006", "40001"})  # read-only transaction, recovery conflict
+# A backend that cannot be reached, or is shutting down or starting up.
+_LOST_SQLSTATES = frozenset({"08001", "08006", "57P01", "57P02", "57P03"})
 # A prepared statement from before a schema change: prepared afresh and run again.
 _STALE_MESSAGE = "cached plan must not change result type"
 STALE_PLAN = "stale"
@@ -227,6 +229,7 @@ class ClientSession(asyncio.Protocol):
         "_guard_stale",
         "_held_begin",
         "_reader",
+        "_retried",
         "_server_transport",
         "_startup",
         "_tls",
@@ -290,6 +293,7 @@ class ClientSession(asyncio.Protocol):
         self._guard_retry = False
         self._guard_stale: Statement | None = None  # the statement of a held Bind..Sync
         self._held_begin: str | None = None  # a BEGIN answered here, not yet sent
+        self._retried = False  # this read already moved once after its server failed
         self.session_mode = False
         self.statement_mode = False
         self.server: ServerConnection | None = None
@@ -843,6 +847,7 @@ class ClientSession(asyncio.Protocol):
         buf = self.buffer
         self._txn_writes = True
         self._guard = None
+        self._retried = False
         tracked = self.statements
         statements = _statements(buf, tracked.names if tracked is not None else None)
         if statements is None:
@@ -1021,9 +1026,20 @@ class ClientSession(asyncio.Protocol):
             self.transport.write(e.notice_response(text, severity="WARNING"))
 
     def server_unavailable(self, sqlstate: str, message: str) -> None:
-        """No server could be had: fail this transaction, keep the client."""
+        """No server could be had: fail this transaction, keep the client. A read bound for
+        a backend that cannot be reached goes elsewhere once instead: nothing was sent yet."""
         self.waiting = False
         if self.state is State.CLOSED:
+            return
+        pool = self.pool
+        if (
+            sqlstate in _LOST_SQLSTATES
+            and self.buffer
+            and pool is not None
+            and pool is not self.primary_pool
+            and self._may_retry()
+        ):
+            self._acquire(self._read_elsewhere(pool.key.host, pool.key.port), None)
             return
         self.buffer.clear()
         if self.statements is not None:
@@ -1242,10 +1258,50 @@ class ClientSession(asyncio.Protocol):
         self._server_transport = None
         server.unlink()
 
+    def _may_retry(self) -> bool:
+        """A transaction the router proved read-only, not moved yet: once more elsewhere."""
+        if self._retried or self._txn_writes or self.router is None:
+            return False
+        if self.state is not State.READY:
+            return False
+        self._retried = True
+        return True
+
+    def _read_elsewhere(self, host: str, port: int) -> Pool:
+        """Where a read goes when the backend at host:port failed it: the replica the router
+        picks now (a down backend is skipped), or the primary."""
+        router = self.router
+        assert router is not None and self.database is not None and self.primary_pool is not None
+        router.lost_retries += 1
+        endpoint = router.read_endpoint(self.reader, self.user)
+        if endpoint is None or (endpoint.host, endpoint.port) == (host, port):
+            return self.primary_pool
+        return self.proxy.pool_for(self.database, self.user, endpoint)
+
     def server_lost(self, server: ServerConnection, reason: str) -> None:
-        """The server died under this client: tell it and disconnect it."""
+        """The server died under this client. An autocommit read whose reply the client has
+        not seen (still guarded) runs once more elsewhere; otherwise the client gets FATAL
+        08006 and is disconnected (its transaction's fate is unknown)."""
         if self.server is server:
             self._unlink()
+            query = self._guard
+            if (
+                query is not None
+                and self.pending == 1
+                and self.scanner.at_boundary
+                and self._may_retry()
+            ):
+                self._guard_out.clear()
+                refused, self._guard_retry = self._guard_retry, False
+                if self.statements is not None:
+                    self.statements.reset()  # the lost server's replies will never come
+                if refused:  # a replica refused it already: the primary answers
+                    target = self.primary_pool
+                else:
+                    target = self._read_elsewhere(server.host, server.port)
+                assert target is not None
+                self._acquire(target, query)
+                return
             self.pending = 0
         log.warning("server connection lost", client=self.peer, server=repr(server), reason=reason)
         self.fatal(

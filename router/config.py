@@ -263,6 +263,8 @@ class Database:
     server_reset_query: str
     routing: Routing
     max_db_client_connections: int = 0  # 0: unlimited
+    #: How long primary-bound transactions wait for a primary while there is none usable.
+    failover_timeout: float = 10.0
 
     @property
     def backends(self) -> tuple[Endpoint, ...]:
@@ -398,6 +400,9 @@ class Config:
     health_check_timeout: float = 1.0
     health_check_fall: int = 3
     health_check_rise: int = 2
+    #: Primary-bound transactions wait this long for a primary while the database has none
+    #: usable (down, in recovery, two claiming); 0: refused at once. Per-database override.
+    failover_timeout: float = 10.0
     users: Mapping[str, User] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     admin: Admin = field(default_factory=Admin)
     log: LogConfig = field(default_factory=LogConfig)
@@ -451,6 +456,7 @@ _TOP_KEYS = (
     "health_check_timeout",
     "health_check_fall",
     "health_check_rise",
+    "failover_timeout",
     "users",
     "admin",
     "log",
@@ -468,6 +474,7 @@ _DATABASE_KEYS = (
     "min_pool_size",
     "server_reset_query",
     "max_db_client_connections",
+    "failover_timeout",
     "routing",
 )
 _ROUTING_KEYS = (
@@ -912,6 +919,12 @@ def _database(ck: _Checker, path: str, name: str, value: object, top: Config) ->
         top.max_db_client_connections,
         0,
     )
+    failover_timeout = ck.duration(
+        _join(path, "failover_timeout"),
+        data.get("failover_timeout", _MISSING),
+        top.failover_timeout,
+        positive=False,
+    )
     routing = _routing(ck, _join(path, "routing"), data.get("routing"))
     if primary is None or len(ck.errors) != errors_before:
         return None
@@ -926,6 +939,7 @@ def _database(ck: _Checker, path: str, name: str, value: object, top: Config) ->
         server_reset_query=server_reset_query,
         routing=routing,
         max_db_client_connections=max_clients,
+        failover_timeout=failover_timeout,
     )
 
 
@@ -1438,6 +1452,7 @@ def parse_config(
         health_check_rise=ck.integer(
             "health_check_rise", get("health_check_rise"), defaults.health_check_rise, 1
         ),
+        failover_timeout=duration("failover_timeout", positive=False),
         source=source,
     )
     users = _users(ck, get("users"), env, auth_type, auth_rules)

@@ -186,10 +186,30 @@ class ProxyCollector:
             "1 while writes are refused because two backends claim to be primary",
             labels=["database"],
         )
+        no_primary = GaugeMetricFamily(
+            "pgrouter_database_no_primary",
+            "1 while the database has no usable primary: its writes wait for failover_timeout",
+            labels=["database"],
+        )
+        waits = CounterMetricFamily(
+            "pgrouter_failover_waits",
+            "Transactions that waited for a primary (no usable primary, or two)",
+            labels=["database"],
+        )
+        timeouts = CounterMetricFamily(
+            "pgrouter_failover_timeouts",
+            "Transactions refused after waiting failover_timeout for a primary",
+            labels=["database"],
+        )
         for db_name in proxy.config.databases:
             failovers.add_metric([db_name], proxy.failovers.get(db_name, 0))
-            fenced.add_metric([db_name], 1 if db_name in proxy.fenced else 0)
-        yield from (failovers, fenced)
+            hold = proxy.holds.get(db_name)
+            fenced.add_metric([db_name], 1 if hold is not None and hold.fenced else 0)
+            no_primary.add_metric([db_name], 1 if hold is not None and not hold.fenced else 0)
+            stats = proxy.hold_stats.get(db_name)
+            waits.add_metric([db_name], stats.waited if stats else 0)
+            timeouts.add_metric([db_name], stats.timed_out if stats else 0)
+        yield from (failovers, fenced, no_primary, waits, timeouts)
 
     def _routing(self) -> Iterator[Metric]:
         """Routing decisions and the classifier's cache, per database with replicas."""
@@ -203,7 +223,10 @@ class ProxyCollector:
             labels=[*db, "reason"],
         )
         misroutes = CounterMetricFamily(
-            "pgrouter_misroutes", "Reads a replica refused, retried on the primary", labels=db
+            "pgrouter_misroutes",
+            "Reads run again before the client saw anything: a replica refused them, or their "
+            "backend failed",
+            labels=[*db, "reason"],
         )
         cache = CounterMetricFamily(
             "pgrouter_classifier_cache", "Statement classifier lookups", labels=[*db, "result"]
@@ -221,7 +244,8 @@ class ProxyCollector:
             routed.add_metric([name, "primary"], router.to_primary)
             fallbacks.add_metric([name, "no_replica"], router.no_replica)
             fallbacks.add_metric([name, "read_your_writes"], router.ryw_fallbacks)
-            misroutes.add_metric([name], router.misroutes)
+            misroutes.add_metric([name, "refused"], router.misroutes)
+            misroutes.add_metric([name, "server_lost"], router.lost_retries)
             cache.add_metric([name, "hit"], router.classifier.hits)
             cache.add_metric([name, "miss"], router.classifier.misses)
             parse.add_metric([name], router.classifier.parse_seconds)

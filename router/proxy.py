@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import structlog
 
+from pools.hold import HoldingPool, HoldStats
 from pools.monitor import BackendMonitor
 from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import send_cancel
@@ -46,10 +47,11 @@ class Proxy:
         self.monitors: dict[tuple[str, int], BackendMonitor] = {}  # by backend address
         self.routers: dict[str, Router] = {}  # databases whose reads may go to replicas
         # Where each database's writes go now: its configured primary until a monitor shows
-        # another backend promoted. `fenced` holds the databases refusing writes because two
-        # backends claim to be primary, with the pool that answers the refusal.
+        # another backend promoted. `holds` has the databases without a usable primary (down,
+        # in recovery, or two claiming the role), whose primary-bound transactions wait there.
         self.primaries: dict[str, Endpoint] = {}
-        self.fenced: dict[str, Pool] = {}
+        self.holds: dict[str, HoldingPool] = {}
+        self.hold_stats: dict[str, HoldStats] = {}  # per database, across holds
         self.failovers: dict[str, int] = {}  # primary changes, per database
         self.started = time.time()
         self.auth_failures = 0
@@ -166,13 +168,29 @@ class Proxy:
         """Where `database`'s writes go now."""
         return self.primaries.get(database.name, database.primary)
 
+    @property
+    def fenced(self) -> dict[str, HoldingPool]:
+        """The databases refusing writes because two backends claim to be primary."""
+        return {name: hold for name, hold in self.holds.items() if hold.fenced}
+
     def primary_pool(self, database: Database, user: str) -> Pool:
         """The pool a client's primary-bound transactions use: the current primary's, or the
-        refusing pool of a fenced database."""
-        fenced = self.fenced.get(database.name)
-        if fenced is not None:
-            return fenced
+        hold of a database without a usable primary."""
+        hold = self.holds.get(database.name)
+        if hold is not None:
+            return hold
         return self.pool_for(database, user)
+
+    def backend_trouble(self, host: str, port: int, error: str | None) -> None:
+        """A pool connection learnt something about its backend (see pools.pool.BackendTrouble):
+        the monitor takes it down now, or checks it now."""
+        monitor = self.monitors.get((host, port))
+        if monitor is None:
+            return
+        if error is None:
+            monitor.suspect()
+        else:
+            monitor.failed(error, at_once=True)
 
     def _set_upstream(self, database: Database) -> None:
         """Replicas measure their time lag against the current primary."""
@@ -197,56 +215,86 @@ class Proxy:
 
     def _resolve_primary(self, database: Database) -> None:
         """Exactly one backend up and out of recovery: it is the primary. Two or more: fence
-        the database (writes refused) until one remains. None: keep the current one (its
-        connection errors tell the clients)."""
+        the database (writes held, then refused) until one remains. None while the current
+        primary is known to be down or in recovery: hold its writes until one appears."""
         claims = []
         for endpoint in database.backends:
             monitor = self.monitors.get((endpoint.host, endpoint.port))
             if monitor is not None and monitor.up and monitor.in_recovery is False:
                 claims.append(endpoint)
         name = database.name
+        old = self.primary_endpoint(database)
         if len(claims) > 1:
-            if name not in self.fenced:
-                self._fence(database, claims)
+            addresses = ", ".join(e.address for e in claims)
+            if not self._hold(
+                database,
+                f'database "{name}" has more than one primary ({addresses}): pgrouter refuses '
+                "writes until exactly one remains",
+                fenced=True,
+            ):
+                log.error("split brain: writes refused", database=name, primaries=addresses)
             return
         if not claims:
+            monitor = self.monitors.get((old.host, old.port))
+            if monitor is None or monitor.up is None:
+                return  # not checked yet: keep it
+            state = f"is down ({monitor.error})" if not monitor.up else "is in recovery"
+            reason = f'database "{name}" has no primary: {old.address} {state}'
+            if not self._hold(database, reason):
+                log.warning(
+                    "no primary: writes wait",
+                    database=name,
+                    reason=reason,
+                    failover_timeout=database.failover_timeout,
+                )
             return
         new = claims[0]
-        old = self.primary_endpoint(database)
-        was_fenced = self.fenced.pop(name, None) is not None
+        hold = self.holds.pop(name, None)
         if new != old:
             self.primaries[name] = new
             self.failovers[name] = self.failovers.get(name, 0) + 1
             log.warning("primary changed", database=name, old=old.address, new=new.address)
             self._set_upstream(database)
-        elif was_fenced:
+        elif hold is not None and hold.fenced:
             log.warning("one primary again: writes accepted", database=name, primary=new.address)
-        if new != old or was_fenced:
-            self._repoint_clients(database)  # queued transactions move to the new primary
+        elif hold is not None:
+            log.warning("primary back", database=name, primary=new.address)
+        if new != old or hold is not None:
+            self._repoint_clients(database)  # waiting transactions move to the primary
+        if hold is not None:
+            hold.close()
         if new != old:
             for key, pool in list(self.pools.items()):
                 if key.database == name and (key.host, key.port) == (old.host, old.port):
                     pool.close()  # idle servers now, busy ones when their transaction ends
 
-    def _fence(self, database: Database, claims: list[Endpoint]) -> None:
+    def _hold(self, database: Database, reason: str, *, fenced: bool = False) -> bool:
+        """Primary-bound transactions of `database` wait in a hold from now on; False when
+        this starts the hold or changes its kind (the caller logs it)."""
         name = database.name
-        addresses = ", ".join(e.address for e in claims)
-        message = (
-            f'database "{name}" has more than one primary ({addresses}): pgrouter refuses '
-            "writes until exactly one remains"
+        hold = self.holds.get(name)
+        if hold is not None:
+            unchanged = hold.fenced == fenced
+            hold.reason, hold.fenced = reason, fenced
+            hold.timeout = database.failover_timeout  # a reload may have changed it
+            return unchanged
+        stats = self.hold_stats.setdefault(name, HoldStats())
+        hold = HoldingPool(
+            PoolKey(name, "", "fenced" if fenced else "no primary", 0),
+            database.dbname,
+            self._pool_settings(database),
+            timeout=database.failover_timeout,
+            reason=reason,
+            stats=stats,
+            fenced=fenced,
         )
-        log.error("split brain: writes refused", database=name, primaries=addresses)
-        pool = Pool(
-            PoolKey(name, "", "fenced", 0), database.dbname, None, self._pool_settings(database)
-        )
-        pool.parameters = next(  # new clients can still log in and read
+        hold.parameters = next(  # new clients can still log in and read
             (p.parameters for k, p in self.pools.items() if k.database == name and p.parameters),
             None,
         )
-        pool.closed = True
-        pool.refusal = (e.CONNECTION_FAILURE, message)
-        self.fenced[name] = pool
-        self._repoint_clients(database)
+        self.holds[name] = hold
+        self._repoint_clients(database)  # transactions queued for the primary wait here
+        return False
 
     def _repoint_clients(self, database: Database) -> None:
         """Clients of `database` take their primary pool from here from now on."""
@@ -302,8 +350,8 @@ class Proxy:
             database = config.databases.get(name)
             if database is None or endpoint not in database.backends:
                 del self.primaries[name]
-        for name in [n for n in self.fenced if n not in config.databases]:
-            del self.fenced[name]
+        for name in [n for n in self.holds if n not in config.databases]:
+            self.holds.pop(name).close()
         if self._janitor is not None:  # running: the backends may have changed
             self._start_monitors()
             self._start_routers()
@@ -623,6 +671,7 @@ class Proxy:
                 self._server_password(database.name, user),
                 self._pool_settings(database),
             )
+            pool.on_trouble = self.backend_trouble
             if self.is_paused(database.name):
                 pool.pause()  # a pool first used while its database is paused is held too
             self.pools[key] = pool

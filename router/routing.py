@@ -57,6 +57,7 @@ class Router:
         self.no_replica = 0  # read-only, but no replica qualified
         self.ryw_fallbacks = 0  # read-only, kept on the primary by read-your-writes
         self.misroutes = 0  # a replica refused a read: retried on the primary
+        self.lost_retries = 0  # a read's backend failed before it answered: run elsewhere
         self.catalog_waits = 0  # read-only, held on the primary until pg_proc was read
         self.lag_fallbacks = 0  # read-only, every replica beyond max_replica_lag
         self.all_lagging = False  # every usable replica is beyond max_replica_lag (logged once)

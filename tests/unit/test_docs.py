@@ -109,6 +109,7 @@ def _exported_metric_names() -> set[str]:
         no_replica=0,
         ryw_fallbacks=0,
         misroutes=0,
+        lost_retries=0,
         catalog_waits=0,
         lag_fallbacks=0,
         classifier=SimpleNamespace(hits=1, misses=1, parse_seconds=0.01),

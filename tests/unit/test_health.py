@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pools.monitor import BackendMonitor, _fails_at_once, format_lsn
+from pools.monitor import BackendMonitor, fails_at_once, format_lsn
 from pools.pool import Pool
 from pools.server import ServerConnection
 from protocol.auth import LoginError
@@ -92,7 +92,7 @@ def test_first_check_decides_at_once() -> None:
     ],
 )
 def test_what_counts_at_once(exc: BaseException, at_once: bool) -> None:
-    assert _fails_at_once(exc) is at_once
+    assert fails_at_once(exc) is at_once
 
 
 # ---- time lag -----------------------------------------------------------------------------------
