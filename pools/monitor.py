@@ -96,6 +96,10 @@ class BackendMonitor:
         self.poll_started = 0.0  # monotonic start of the check that produced `lsn`
         self.checked_at: float | None = None  # wall-clock time of the last successful check
         self.error: str | None = None
+        # The last failure was the server refusing the monitor for a reason other than
+        # shutting down or starting up (wrong password, unknown database, too many
+        # connections): the server is there, its role unknown.
+        self.refused = False
         self.checks = 0
         self.failures = 0
         self.transitions = 0  # changes of the up/down verdict
@@ -154,7 +158,10 @@ class BackendMonitor:
                     if conn is not None:
                         conn.abort()
                         conn = None
-                    self.failed(_describe(exc), at_once=suspect or fails_at_once(exc))
+                    refused = isinstance(exc, LoginError) and exc.sqlstate not in DOWN_AT_ONCE
+                    self.failed(
+                        _describe(exc), at_once=suspect or fails_at_once(exc), refused=refused
+                    )
                 if not self._wake.is_set():
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.interval):
@@ -174,6 +181,7 @@ class BackendMonitor:
     ) -> None:
         self.checks += 1
         self.error = None
+        self.refused = False
         role_changed = self.in_recovery is not None and self.in_recovery != in_recovery
         self.in_recovery = in_recovery
         self.lsn = parse_lsn(lsn) if lsn else None
@@ -197,10 +205,11 @@ class BackendMonitor:
         if changed:
             self._notify()
 
-    def failed(self, error: str, *, at_once: bool = False) -> None:
+    def failed(self, error: str, *, at_once: bool = False, refused: bool = False) -> None:
         """A failed check, or a failure a pool connection saw (at_once: down now)."""
         self.failures += 1
         self.error = error
+        self.refused = refused
         if self.up is False:
             self._streak = 0
             return

@@ -61,6 +61,7 @@ FATAL_LINGER = 1.0  # seconds a connection stays half-closed after a FATAL error
 PAUSE_POLL = 0.05  # seconds between checks for the end of running transactions (PAUSE)
 GUARD_LIMIT = 64 * 1024  # a replica reply held longer than this is forwarded as it is
 _RETRY_SQLSTATES = frozenset({"25006", "40001"})  # read-only transaction, recovery conflict
+_SHUTDOWN_SQLSTATES = frozenset({"57P01", "57P02"})  # the FATAL of a server going away
 # A backend that cannot be reached, or is shutting down or starting up.
 _LOST_SQLSTATES = frozenset({"08001", "08006", "57P01", "57P02", "57P03"})
 # A prepared statement from before a schema change: prepared afresh and run again.
@@ -82,7 +83,7 @@ def _refusal(out: bytes | bytearray) -> str | None:
             code = fields.get("C", "")
             if code == "0A000" and fields.get("M", "").startswith(_STALE_MESSAGE):
                 return STALE_PLAN
-            return code if code in _RETRY_SQLSTATES else ""
+            return code if code in _RETRY_SQLSTATES or code in _SHUTDOWN_SQLSTATES else ""
         if kind not in _HELD_KINDS:
             return ""
         pos = end
@@ -1196,7 +1197,8 @@ class ClientSession(asyncio.Protocol):
     def _guarded_reply(self, data: bytes, count: int) -> None:
         """A replica's reply to an autocommit read, held until it is clearly not a refusal
         (25006 read-only, 40001 recovery conflict): a refusal is retried on the primary
-        before the client has seen anything."""
+        before the client has seen anything. A shutdown FATAL is held until the connection
+        closes (see server_lost)."""
         if not self._guard_retry:
             out = self._guard_out
             if not out and (
@@ -1210,6 +1212,8 @@ class ClientSession(asyncio.Protocol):
             refusal = _refusal(out)
             if refusal is None and not count and len(out) < GUARD_LIMIT:
                 return  # undecided: keep holding
+            if refusal in _SHUTDOWN_SQLSTATES:
+                return  # the server is going away: losing its connection retries the read
             if not refusal or self.pending > max(count, 1):
                 self._guard = None
                 held = bytes(out)

@@ -236,8 +236,8 @@ class Proxy:
             return
         if not claims:
             monitor = self.monitors.get((old.host, old.port))
-            if monitor is None or monitor.up is None:
-                return  # not checked yet: keep it
+            if monitor is None or monitor.up is None or (not monitor.up and monitor.refused):
+                return  # not known to be down: keep it (its own errors tell the clients)
             state = f"is down ({monitor.error})" if not monitor.up else "is in recovery"
             reason = f'database "{name}" has no primary: {old.address} {state}'
             if not self._hold(database, reason):

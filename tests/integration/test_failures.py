@@ -303,13 +303,14 @@ class Relay:
 
 
 def test_primary_going_away_after_login(cluster: Any, proxy_factory: ProxyFactory) -> None:
-    """Logged-in client, server becomes unreachable: a prompt error, the client stays; the
-    server comes back: the same client works again."""
+    """Logged-in client, server becomes unreachable: an error once failover_timeout (1 s here)
+    is over, the client stays; the server comes back: the same client works again."""
     relay = Relay((cluster.primary.host, cluster.primary.port))
     relay.start()
     proxy = proxy_factory(
         {"databases": {"flaky": {"primary": f"127.0.0.1:{relay.port}", "dbname": "appdb"}}},
         query_wait_timeout=QUERY_WAIT,
+        failover_timeout="1s",
     )
     try:
         with psycopg.connect(proxy.dsn(dbname="flaky"), autocommit=True) as conn:
