@@ -1369,3 +1369,28 @@ def test_hosts_errors(hosts_db: dict[str, Any], message: str) -> None:
     data = config_with()
     data["databases"] = {"appdb": hosts_db}
     assert message in errors_of(data)
+
+
+def test_failover_timeout_defaults_inherits_and_overrides() -> None:
+    assert parse_config(MINIMAL, env={}).databases["appdb"].failover_timeout == 10.0
+    data = config_with(
+        failover_timeout="2s",
+        databases={
+            "appdb": {"primary": "10.0.0.1:5432"},
+            "batch": {"primary": "10.0.0.1:5432", "failover_timeout": 0},
+        },
+    )
+    config = parse_config(data, env={})
+    assert config.failover_timeout == 2.0
+    assert config.databases["appdb"].failover_timeout == 2.0
+    assert config.databases["batch"].failover_timeout == 0.0
+
+
+def test_failover_timeout_errors_name_the_path() -> None:
+    assert errors_of(config_with(failover_timeout="soon")) == [
+        "failover_timeout: "
+        + errors_of(config_with(query_wait_timeout="soon"))[0].split(": ", 1)[1]
+    ]
+    assert errors_of(db_with(failover_timeout=-1))[0].startswith(
+        "databases.appdb.failover_timeout: "
+    )

@@ -3,17 +3,21 @@ a database's primary (failover, split brain), on monitors fed by hand: no server
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
+from pools.hold import HoldingPool, HoldStats
 from pools.monitor import BackendMonitor, fails_at_once, format_lsn
-from pools.pool import Pool
+from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import ServerConnection
 from protocol.auth import LoginError
 from router.config import parse_config
 from router.proxy import Proxy
 from router.routing import Reader, Router
+from tests.support import free_port
 from tests.unit.test_admin import add_client
 
 TOPOLOGY: dict[str, Any] = {
@@ -314,3 +318,151 @@ def test_router_reconfigure_keeps_learned_state(proxy: Proxy) -> None:
     assert router.to_replica == 1 and router.catalog_known
     router.reconfigure(routed(proxy, writing_functions=["audit_read"]).database)
     assert router.classifier is not classifier and not router.catalog_known
+
+
+# ---- a database without a usable primary: writes wait (failover_timeout) -------------------------
+
+
+class Answers:
+    """A pool waiter that records what it is told."""
+
+    def __init__(self) -> None:
+        self.refusals: list[tuple[str, str, float]] = []
+
+    def server_assigned(self, server: ServerConnection) -> None:
+        raise AssertionError("a hold handed out a server")
+
+    def server_unavailable(self, sqlstate: str, message: str) -> None:
+        self.refusals.append((sqlstate, message, time.monotonic()))
+
+
+def hold_of(proxy: Proxy) -> HoldingPool:
+    hold = proxy.primary_pool(proxy.config.databases["appdb"], "app")
+    assert isinstance(hold, HoldingPool)
+    return hold
+
+
+def test_down_primary_holds_writes_and_a_promotion_moves_them(proxy: Proxy) -> None:
+    async def scenario() -> None:
+        db = proxy.config.databases["appdb"]
+        client = add_client(proxy, database="appdb")
+        client.primary_pool = client.pool
+        good(proxy.monitors[P], recovery=False, lsn=100)
+        good(proxy.monitors[R1], recovery=True, lsn=100)
+        assert not proxy.holds
+
+        proxy.monitors[P].failed("refused", at_once=True)
+        hold = hold_of(proxy)
+        assert client.primary_pool is hold and not hold.fenced
+        assert "10.0.0.1:5432 is down (refused)" in hold.reason
+        hold.parameters = {"server_version": "15"}  # what logged-in clients were welcomed with
+        client._acquire(hold, b"Q\x00\x00\x00\x0dINSERT 1\x00")
+        assert client.waiting and client in hold.waiters
+
+        good(proxy.monitors[R1], recovery=False, lsn=200)  # promoted
+        assert not proxy.holds and hold.closed
+        new_pool = proxy.pool_for(db, "app")
+        assert (new_pool.key.host, new_pool.key.port) == R1
+        assert client.primary_pool is new_pool and client.pool is new_pool
+        assert client in new_pool.waiters and client.buffer, "the write moved, bytes and all"
+        assert proxy.hold_stats["appdb"].waited == 1
+        new_pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_old_primary_back_ends_the_hold(proxy: Proxy) -> None:
+    good(proxy.monitors[P], recovery=False, lsn=100)
+    proxy.monitors[P].failed("refused", at_once=True)
+    assert "appdb" in proxy.holds
+    good(proxy.monitors[P], recovery=False, lsn=100)
+    assert "appdb" in proxy.holds, "back before `rise` good checks"
+    good(proxy.monitors[P], recovery=False, lsn=100)
+    assert not proxy.holds and not proxy.failovers
+
+
+def test_a_primary_in_recovery_holds_writes(proxy: Proxy) -> None:
+    good(proxy.monitors[P], recovery=True, lsn=100)  # demoted, nothing promoted yet
+    assert "is in recovery" in hold_of(proxy).reason
+
+
+def test_a_monitor_refused_by_the_server_holds_nothing(proxy: Proxy) -> None:
+    """A wrong monitor password says nothing about the server: its own errors tell clients."""
+    proxy.monitors[P].failed("28P01: password authentication failed", refused=True)
+    assert proxy.monitors[P].up is False and not proxy.holds
+
+
+def test_hold_times_out_with_the_reason_on_time(proxy: Proxy) -> None:
+    async def scenario() -> list[tuple[str, str, float]]:
+        hold = HoldingPool(
+            PoolKey("appdb", "", "no primary", 0),
+            "appdb",
+            proxy._pool_settings(proxy.config.databases["appdb"]),
+            timeout=0.2,
+            reason='database "appdb" has no primary: 10.0.0.1:5432 is down (refused)',
+            stats=HoldStats(),
+        )
+        hold.parameters = {}
+        first, second = Answers(), Answers()
+        started = time.monotonic()
+        hold.acquire(first)
+        await asyncio.sleep(0.1)
+        hold.acquire(second)
+        await asyncio.sleep(0.35)
+        assert hold.stats.timed_out == 2 and not hold.waiters
+        return [(r[0][0], r[0][1], r[0][2] - started) for r in (first.refusals, second.refusals)]
+
+    (state1, message, at1), (_, _, at2) = asyncio.run(scenario())
+    assert state1 == "08006"
+    assert message.startswith('database "appdb" has no primary') and "failover_timeout" in message
+    assert 0.2 <= at1 < 0.45 and 0.3 <= at2 < 0.55, (at1, at2)  # a timer each, no polling
+
+
+def test_zero_failover_timeout_and_logins_are_refused_at_once(proxy: Proxy) -> None:
+    zero = HoldingPool(
+        PoolKey("appdb", "", "no primary", 0),
+        "appdb",
+        proxy._pool_settings(proxy.config.databases["appdb"]),
+        timeout=0,
+        reason="no primary",
+        stats=HoldStats(),
+    )
+    zero.parameters = {}
+    waiter = Answers()
+    zero.acquire(waiter)
+    assert [r[:2] for r in waiter.refusals] == [("08006", "no primary")]
+    zero.timeout, zero.parameters = 10, None  # a login: no server parameters known yet
+    zero.acquire(waiter)
+    assert len(waiter.refusals) == 2 and not zero.waiters
+
+
+def test_split_brain_holds_like_a_missing_primary(proxy: Proxy) -> None:
+    good(proxy.monitors[P], recovery=False, lsn=100)
+    proxy.monitors[P].failed("refused", at_once=True)
+    assert not hold_of(proxy).fenced
+    good(proxy.monitors[P], recovery=False, lsn=100)
+    good(proxy.monitors[R1], recovery=False, lsn=100)
+    good(proxy.monitors[P], recovery=False, lsn=100)  # back: two claim the role
+    hold = hold_of(proxy)
+    assert (
+        hold.fenced and "more than one primary" in hold.reason and proxy.fenced == {"appdb": hold}
+    )
+
+
+def test_pool_reports_a_refused_backend() -> None:
+    async def scenario() -> list[tuple[str, int, str | None]]:
+        told: list[tuple[str, int, str | None]] = []
+        settings = PoolSettings(1, 0, 60.0, 60.0, 2.0, 5.0, "")
+        pool = Pool(PoolKey("appdb", "app", "127.0.0.1", free_port()), "appdb", "pw", settings)
+        pool.on_trouble = lambda host, port, error: told.append((host, port, error))
+        waiter = Answers()
+        pool.acquire(waiter)
+        for _ in range(200):
+            if waiter.refusals:
+                break
+            await asyncio.sleep(0.01)
+        assert waiter.refusals and waiter.refusals[0][0] == "08006"
+        return told
+
+    told = asyncio.run(scenario())
+    assert len(told) == 1 and told[0][2] is not None and "cannot connect" in told[0][2]
