@@ -614,7 +614,11 @@ class ClientSession(asyncio.Protocol):
                 transport = await start_tls_after(raw, self, context, hello)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
             if self.state is not State.CLOSED:
-                log.info("client TLS handshake failed", client=self.peer, error=str(exc))
+                log.info(
+                    "client TLS handshake failed",
+                    client=self.peer,
+                    error=str(exc) or type(exc).__name__,
+                )
             self._shut()
             raw.abort()
             return

@@ -37,6 +37,8 @@ async def start_tls_after(
     """Run the server side of a TLS handshake whose first bytes were already read; return
     the TLS transport, as `loop.start_tls()` does. The caller paused reading on `transport`
     when it took `first`."""
+    if transport.is_closing():  # the client left while the handshake was being scheduled
+        raise ConnectionResetError("connection lost before the TLS handshake")
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
     # Neither class is public API, but both are what start_tls() itself uses, with the same

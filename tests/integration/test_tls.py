@@ -26,13 +26,15 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import psycopg
 import pytest
+import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.direct_tls import TLS_HANDSHAKE_RECORD, alpn_ok, start_tls_after
 from tests.integration.test_bad_input import (
     RawClient,
     cancel_packet,
@@ -439,6 +441,109 @@ def test_direct_tls_slow_reader_and_disconnects(proxy_factory: ProxyFactory, cer
             client.close()
         gone.append(client)
     wait_for(lambda: clients_connected(http_port) == (0, 0), timeout=15)
+
+
+class _Echo(asyncio.Protocol):
+    """Starts TLS on the first bytes as the client session does, then echoes, pausing its
+    reading while the TLS transport's write buffer is over its high-water mark."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.raw: asyncio.Transport | None = None
+        self.tls: asyncio.Transport | None = None
+        self.early = bytearray()  # decrypted before start_tls_after returned
+        self.pauses = 0
+        self.peak_buffer = 0
+        self.alpn: bool | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.write(data)
+            self.peak_buffer = max(self.peak_buffer, self.tls.get_write_buffer_size())
+        elif self.alpn is None and not self.early and data[0] == TLS_HANDSHAKE_RECORD:
+            assert self.raw is not None
+            self.alpn = False
+            self.raw.pause_reading()
+            asyncio.get_running_loop().create_task(self._start(data))
+        else:
+            self.early += data
+
+    async def _start(self, hello: bytes) -> None:
+        assert self.raw is not None
+        tls = await start_tls_after(self.raw, self, self.context, hello)
+        tls.set_write_buffer_limits(high=64 * 1024)
+        self.alpn = alpn_ok(tls)
+        self.tls = tls
+        if self.early:
+            self.data_received(bytes(self.early))
+
+    def pause_writing(self) -> None:
+        self.pauses += 1
+        assert self.tls is not None
+        self.tls.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.tls is not None
+        self.tls.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_start_tls_after_flow_control_and_close(certs: Certs, loop_kind: str) -> None:
+    """The direct-TLS handshake on its own, on both event loops: ALPN seen, 8 MB echoed to a
+    client that reads slowly with the server's write buffer kept near its limit, close_notify
+    reaching connection_lost."""
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(certs.server_cert, certs.server_key)
+    server_context.set_alpn_protocols(["postgresql"])
+    client_context = ssl.create_default_context(cafile=str(certs.ca))
+    client_context.set_alpn_protocols(["postgresql"])
+    payload = os.urandom(8 * 1024 * 1024)
+    received = bytearray()
+
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            tls = client_context.wrap_socket(sock, server_hostname="localhost")
+            sender = threading.Thread(target=tls.sendall, args=(payload,))
+            sender.start()
+            while len(received) < len(payload):
+                chunk = tls.recv(256 * 1024)
+                assert chunk, "closed early"
+                received.extend(chunk)
+                time.sleep(0.001)  # a slow reader
+            sender.join(30)
+            tls.unwrap()  # close_notify
+
+    async def run() -> _Echo:
+        protocols: list[_Echo] = []
+
+        def factory() -> _Echo:
+            protocols.append(_Echo(server_context))
+            return protocols[-1]
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            await asyncio.wait_for(asyncio.to_thread(client, port), 90)
+            await asyncio.wait_for(protocols[0].lost, 30)
+        finally:
+            server.close()
+        return protocols[0]
+
+    echo = uvloop.run(run()) if loop_kind == "uvloop" else asyncio.run(run())
+    print(f"\n{loop_kind}: {echo.pauses} pauses, peak TLS write buffer {echo.peak_buffer} bytes")
+    assert echo.alpn is True
+    assert bytes(received) == payload
+    assert echo.pauses > 0  # the slow reader made the TLS transport push back
+    assert echo.peak_buffer < 2 * 1024 * 1024, echo.peak_buffer
+    assert echo.lost.result() is None
 
 
 # ---- server_tls ---------------------------------------------------------------------------------
