@@ -9,6 +9,7 @@ a client's proof. So the exchange is ours; SASLprep itself is scramp's.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -56,6 +57,14 @@ def derive_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, byt
     return client_key, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key")
 
 
+@functools.lru_cache(maxsize=256)
+def _server_login_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, bytes]:
+    """derive_keys for logging in to servers: a role's salt stays the same from connection to
+    connection, so a pool opening many pays for PBKDF2 once. Only configured passwords and
+    the servers' salts get here, never what a client sent."""
+    return derive_keys(password, salt, iterations)
+
+
 class ScramClient:
     """The logging-in side, from a password or (pass-through) from known keys."""
 
@@ -89,7 +98,7 @@ class ScramClient:
         except (KeyError, ValueError) as exc:
             raise ScramError("server-first lacks a valid salt or iteration count") from exc
         if self._password is not None:
-            client_key, _, server_key = derive_keys(self._password, salt, iterations)
+            client_key, _, server_key = _server_login_keys(self._password, salt, iterations)
         else:
             assert self._client_key is not None and self._server_key is not None
             client_key, server_key = self._client_key, self._server_key

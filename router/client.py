@@ -34,6 +34,12 @@ from protocol.scanner import FrontendScanner
 from router import __version__
 from router.classify import Target
 from router.config import ADMIN_DATABASES
+from router.direct_tls import (
+    HANDSHAKE_FAILURE_ALERT,
+    TLS_HANDSHAKE_RECORD,
+    alpn_ok,
+    start_tls_after,
+)
 from router.routing import Reader, Router
 from router.statements import (
     ClientStatements,
@@ -55,6 +61,7 @@ _NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
 _COPY_MESSAGES = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
 _SETTING_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 _I = 73  # 'I': idle, outside a transaction
+_TLS_FIRST = -1  # nothing received yet: the first byte may open a direct TLS handshake
 _TLS_HANDSHAKE = 1
 _TLS_ON = 2
 FATAL_LINGER = 1.0  # seconds a connection stays half-closed after a FATAL error
@@ -311,7 +318,7 @@ class ClientSession(asyncio.Protocol):
         self._auth: ClientAuth | None = None
         self._canonical = True  # False until reported settings were checked against a server
         self.connected_at = 0.0
-        self._tls = 0  # 0: plain; _TLS_HANDSHAKE, _TLS_ON
+        self._tls = _TLS_FIRST  # then 0: plain; _TLS_HANDSHAKE, _TLS_ON
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
@@ -381,7 +388,11 @@ class ClientSession(asyncio.Protocol):
         self._shut()
         if transport.is_closing():
             return
-        transport.write(e.fatal(sqlstate, message, detail=detail))
+        self._last_words(transport, e.fatal(sqlstate, message, detail=detail))
+
+    @staticmethod
+    def _last_words(transport: asyncio.Transport, data: bytes) -> None:
+        transport.write(data)
         # Closing with unread input makes the kernel send a reset, which can destroy the
         # error before the client reads it: half-close instead, drop what still arrives
         # (state CLOSED), and close for good shortly after.
@@ -475,6 +486,11 @@ class ClientSession(asyncio.Protocol):
     def _login_data(self, data: bytes) -> None:
         if self.state is State.STARTUP:
             assert self._startup is not None
+            if self._tls == _TLS_FIRST:
+                if data[0] == TLS_HANDSHAKE_RECORD:
+                    self._direct_tls(data)
+                    return
+                self._tls = 0
             self._startup.feed(data)
             if self._tls == _TLS_HANDSHAKE:
                 return  # decrypted before start_tls returned: read once it has
@@ -584,15 +600,36 @@ class ClientSession(asyncio.Protocol):
         self.transport.pause_reading()  # the ClientHello is for the TLS layer, not for us
         asyncio.get_running_loop().create_task(self._start_tls(context))
 
-    async def _start_tls(self, context: ssl.SSLContext) -> None:
+    def _direct_tls(self, hello: bytes) -> None:
+        """PostgreSQL 17 direct TLS: the connection opened with a TLS ClientHello."""
+        context = self.proxy.config.client_tls.context
+        if context is None:  # the client waits for a TLS answer: an alert is the clear one
+            log.info("direct TLS refused (client_tls.mode: disable)", client=self.peer)
+            transport = self.transport
+            self._shut()
+            self._last_words(transport, HANDSHAKE_FAILURE_ALERT)
+            return
+        self._tls = _TLS_HANDSHAKE
+        self.transport.pause_reading()  # the rest of the handshake is for the TLS layer
+        asyncio.get_running_loop().create_task(self._start_tls(context, hello))
+
+    async def _start_tls(self, context: ssl.SSLContext, hello: bytes | None = None) -> None:
+        """The TLS handshake after our 'S', or (`hello` given) of a direct TLS connection."""
         raw = self.transport
         try:
-            transport = await asyncio.get_running_loop().start_tls(
-                raw, self, context, server_side=True
-            )
+            if hello is None:
+                transport = await asyncio.get_running_loop().start_tls(
+                    raw, self, context, server_side=True
+                )
+            else:
+                transport = await start_tls_after(raw, self, context, hello)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
             if self.state is not State.CLOSED:
-                log.info("client TLS handshake failed", client=self.peer, error=str(exc))
+                log.info(
+                    "client TLS handshake failed",
+                    client=self.peer,
+                    error=str(exc) or type(exc).__name__,
+                )
             self._shut()
             raw.abort()
             return
@@ -604,6 +641,14 @@ class ClientSession(asyncio.Protocol):
         self._tls = _TLS_ON
         transport.set_write_buffer_limits(high=256 * 1024)
         self.transport = transport
+        if hello is not None and not alpn_ok(transport):
+            log.info("direct TLS without ALPN postgresql refused", client=self.peer)
+            self.fatal(
+                e.PROTOCOL_VIOLATION,
+                'direct TLS connection without ALPN protocol "postgresql"',
+                detail="A client using sslnegotiation=direct must offer ALPN postgresql.",
+            )
+            return
         if self._startup is not None and self._startup.pending:
             try:
                 self._login_data(b"")

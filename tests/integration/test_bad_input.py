@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+import scramp
 
 from tests.support import APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER, ProxyProcess
 
@@ -167,11 +168,12 @@ class RawClient:
         extra: dict[str, str] | None = None,
         send_startup: bool = True,
     ) -> list[Message]:
-        """Startup + cleartext/md5 authentication; every message up to ReadyForQuery."""
+        """Startup + cleartext/md5/SCRAM authentication; every message up to ReadyForQuery."""
         if send_startup:
             params = {"user": user, "database": database, **(extra or {})}
             self.send(startup_packet(params, version))
         seen: list[Message] = []
+        scram: scramp.ScramClient | None = None
         while True:
             msg = self.message()
             if msg is None:
@@ -186,6 +188,15 @@ class RawClient:
                     self.send(typed(b"p", password.encode() + b"\0"))
                 elif code == 5:
                     self.send(typed(b"p", md5_response(user, password, body[4:8])))
+                elif code == 10:  # SASL, with scramp (not the proxy's own SCRAM code)
+                    scram = scramp.ScramClient(["SCRAM-SHA-256"], user, password)
+                    first = scram.get_client_first().encode()
+                    self.send(typed(b"p", b"SCRAM-SHA-256\0" + _I32.pack(len(first)) + first))
+                elif code == 11 and scram is not None:
+                    scram.set_server_first(body[4:].decode())
+                    self.send(typed(b"p", scram.get_client_final().encode()))
+                elif code == 12 and scram is not None:
+                    scram.set_server_final(body[4:].decode())
                 elif code != 0:
                     raise AssertionError(f"authentication request {code} not handled by the test")
             elif kind == b"K":

@@ -2,7 +2,10 @@
 
 Clients: psycopg (libpq) with sslmode require / verify-full, psql, asyncpg with an SSLContext;
 client_tls modes disable / allow / require, client certificates checked against `ca`, a cancel
-over TLS, bytes stuffed after an SSLRequest, and a reload that swaps the certificate. Servers:
+over TLS, bytes stuffed after an SSLRequest, and a reload that swaps the certificate. PostgreSQL
+17 direct TLS (no SSLRequest, ALPN `postgresql`): through the wheel's libpq (psycopg.pq.version()
+>= 17) with sslnegotiation=direct, and through Python's ssl module over a raw protocol client
+(ALPN missing or wrong, client certificates, a cancel, a slow reader of a big result). Servers:
 a PostgreSQL with ssl on, reached with server_tls modes prefer / require / verify-full, and
 require refused by a server without TLS.
 """
@@ -20,16 +23,27 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import psycopg
 import pytest
+import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.test_bad_input import raw, startup_packet
-from tests.support import APP_PASSWORD, APP_USER, ProxyProcess
+from router.direct_tls import TLS_HANDSHAKE_RECORD, alpn_ok, start_tls_after
+from tests.integration.test_bad_input import (
+    RawClient,
+    cancel_packet,
+    query_message,
+    raw,
+    rows,
+    startup_packet,
+)
+from tests.support import APP_PASSWORD, APP_USER, ProxyProcess, free_port, wait_for
 from tests.tls_certs import Certs, make_certs
 
 pytestmark = pytest.mark.timeout(120)
@@ -226,6 +240,310 @@ def test_reload_serves_the_new_certificate(
         assert kept.execute("SELECT 1").fetchone() == (1,)
     with connect(proxy, sslmode="verify-full", sslrootcert=str(other.ca)) as conn:
         assert conn.pgconn.ssl_in_use
+
+
+# ---- direct TLS (PostgreSQL 17 sslnegotiation=direct) --------------------------------------------
+
+ALPN_MESSAGE = 'direct TLS connection without ALPN protocol "postgresql"'
+direct_libpq = pytest.mark.skipif(
+    psycopg.pq.version() < 170000, reason="this libpq has no sslnegotiation=direct"
+)
+
+
+def direct(
+    proxy: ProxyProcess,
+    certs: Certs | None = None,
+    *,
+    alpn: tuple[str, ...] = ("postgresql",),
+    client_cert: bool = False,
+    timeout: float = 10.0,
+) -> RawClient:
+    """A raw protocol client that opens TLS at once, as libpq 17's sslnegotiation=direct
+    does (the server certificate checked against `certs.ca` when given)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if certs is None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.load_verify_locations(certs.ca)
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    if client_cert:
+        assert certs is not None
+        context.load_cert_chain(certs.client_cert, certs.client_key)
+    client = raw(proxy, timeout)
+    try:
+        client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def clients_connected(http_port: int) -> tuple[float, float]:
+    """(pgrouter_clients_connected, pgrouter_clients_logging_in) from /metrics."""
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    values = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name in ("pgrouter_clients_connected", "pgrouter_clients_logging_in")
+    }
+    return values["pgrouter_clients_connected"], values["pgrouter_clients_logging_in"]
+
+
+def test_direct_tls_login_and_query(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require"), auth_type="scram-sha-256")
+    with direct(proxy, certs) as client:
+        assert client.sock.selected_alpn_protocol() == "postgresql"  # type: ignore[attr-defined]
+        client.login()  # SCRAM, over TLS from the first byte
+        assert rows(client.query("SELECT 40 + 2, current_user")) == [["42", APP_USER]]
+        assert rows(client.query("SELECT ssl FROM pg_stat_ssl LIMIT 0")) == []
+
+
+def test_direct_tls_in_allow_mode(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "allow"))
+    with direct(proxy, certs) as client:
+        client.login()  # md5
+        assert rows(client.query("SELECT 'direct'")) == [["direct"]]
+    with connect(proxy, sslmode="disable") as conn:  # plain text still served
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@direct_libpq
+def test_libpq_sslnegotiation_direct(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require"), auth_type="scram-sha-256")
+    opts = {"sslmode": "verify-full", "sslrootcert": str(certs.ca), "sslnegotiation": "direct"}
+    with connect(proxy, **opts) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+        timer = threading.Timer(0.5, conn.cancel_safe)  # the cancel goes over direct TLS too
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(20)")
+        finally:
+            timer.cancel()
+        assert time.monotonic() - started < 10
+        assert conn.execute("SELECT 'after'").fetchone() == ("after",)
+
+
+@pytest.mark.parametrize("alpn", [(), ("http/1.1",)], ids=["no-alpn", "other-alpn"])
+def test_direct_tls_without_alpn_postgresql_is_refused(
+    proxy_factory: ProxyFactory, certs: Certs, alpn: tuple[str, ...]
+) -> None:
+    proxy = proxy_factory(client_tls(certs, "require"))
+    with direct(proxy, certs, alpn=alpn) as client:
+        assert client.sock.selected_alpn_protocol() is None  # type: ignore[attr-defined]
+        client.send(startup_packet({"user": APP_USER, "database": "appdb"}))
+        error = client.error()
+        assert (error["C"], error["M"]) == ("08P01", ALPN_MESSAGE)
+        assert client.closed_within(5)
+    with direct(proxy, certs) as client:  # the proxy carries on
+        client.login()
+
+
+def test_direct_tls_checks_client_certificates(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require", ca=True))
+    with direct(proxy, certs) as client:  # TLS 1.3: the client's side of the handshake ends first
+        client.send(startup_packet({"user": APP_USER, "database": "appdb"}))
+        try:
+            answer = client.message()
+        except ssl.SSLError as exc:  # an alert, if it got out before the close
+            answer = (b"!", str(exc).encode())
+        assert answer is None or answer[0] == b"!", answer
+    wait_for(lambda: "peer did not return a certificate" in proxy.log_text(), timeout=10)
+    with direct(proxy, certs, client_cert=True) as client:
+        client.login()
+        assert rows(client.query("SELECT 'with a certificate'")) == [["with a certificate"]]
+
+
+def test_direct_tls_refused_when_tls_is_disabled(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory()  # client_tls.mode: disable
+    with pytest.raises(ssl.SSLError, match="handshake failure"):
+        direct(proxy).close()
+    if psycopg.pq.version() >= 170000:
+        with pytest.raises(psycopg.OperationalError, match="handshake failure"):
+            connect(proxy, sslmode="require", sslnegotiation="direct")
+    assert "direct TLS refused (client_tls.mode: disable)" in proxy.log_text()
+    with connect(proxy) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_cancel_request_over_direct_tls(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    proxy = proxy_factory(client_tls(certs, "require"))
+    with direct(proxy, certs, timeout=30) as client:
+        client.login()
+        assert client.key is not None
+        started = time.monotonic()
+        client.send(query_message("SELECT pg_sleep(20)"))
+        time.sleep(0.5)  # the query reaches the server; a cancel before it would be lost
+        with direct(proxy, certs) as canceller:
+            canceller.send(cancel_packet(*client.key))
+            assert canceller.closed_within(5)
+        error = client.error()
+        assert error["C"] == "57014", error
+        assert time.monotonic() - started < 15
+        client.until(b"Z")
+        assert rows(client.query("SELECT 'after'")) == [["after"]]
+
+
+def test_direct_tls_slow_reader_and_disconnects(proxy_factory: ProxyFactory, certs: Certs) -> None:
+    """A big result to a client that reads slowly: the TLS layer pushes back to the server
+    (the proxy's memory stays flat); then clients that leave in every way are forgotten."""
+    http_port = free_port()
+    proxy = proxy_factory(
+        client_tls(certs, "require"), admin={"users": [APP_USER], "http": f"127.0.0.1:{http_port}"}
+    )
+    count, width = 40_000, 1000  # 40 MB
+    with direct(proxy, certs) as warm:
+        warm.login()
+        assert len(rows(warm.query(f"SELECT repeat('x', {width}) FROM generate_series(1, 2000)")))
+    before = max(proxy.rss_kb() for _ in range(3))
+    peak = before
+    with direct(proxy, certs, timeout=60) as client:
+        client.login()
+        client.send(query_message(f"SELECT repeat('x', {width}) FROM generate_series(1, {count})"))
+        received = 0
+        while (msg := client.message()) is not None and msg[0] != b"Z":
+            if msg[0] == b"D":
+                received += 1
+                if received % 2000 == 0:
+                    time.sleep(0.05)  # one second of stalls in all
+                    peak = max(peak, proxy.rss_kb())
+        assert received == count
+        assert rows(client.query("SELECT 'after'")) == [["after"]]
+    growth = peak - before
+    assert growth <= 10 * 1024, f"proxy RSS grew by {growth} kB ({before} -> {peak})"
+
+    gone: list[RawClient] = []
+    for leave in ("terminate", "close_notify", "reset", "mid-handshake"):
+        if leave == "mid-handshake":
+            sock = socket.create_connection((proxy.host, proxy.port), timeout=5)
+            sock.sendall(b"\x16\x03\x01\x00\x05")  # a record header, then silence
+            time.sleep(0.2)
+            sock.close()
+            continue
+        client = direct(proxy, certs)
+        client.login()
+        if leave == "terminate":
+            client.send(b"X\x00\x00\x00\x04")
+            assert client.closed_within(5)
+            client.close()
+        elif leave == "close_notify":
+            client.sock = client.sock.unwrap()  # type: ignore[attr-defined]
+            client.close()
+        else:
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+            client.close()
+        gone.append(client)
+    wait_for(lambda: clients_connected(http_port) == (0, 0), timeout=15)
+
+
+class _Echo(asyncio.Protocol):
+    """Starts TLS on the first bytes as the client session does, then echoes, pausing its
+    reading while the TLS transport's write buffer is over its high-water mark."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.raw: asyncio.Transport | None = None
+        self.tls: asyncio.Transport | None = None
+        self.early = bytearray()  # decrypted before start_tls_after returned
+        self.pauses = 0
+        self.peak_buffer = 0
+        self.alpn: bool | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.write(data)
+            self.peak_buffer = max(self.peak_buffer, self.tls.get_write_buffer_size())
+        elif self.alpn is None and not self.early and data[0] == TLS_HANDSHAKE_RECORD:
+            assert self.raw is not None
+            self.alpn = False
+            self.raw.pause_reading()
+            asyncio.get_running_loop().create_task(self._start(data))
+        else:
+            self.early += data
+
+    async def _start(self, hello: bytes) -> None:
+        assert self.raw is not None
+        tls = await start_tls_after(self.raw, self, self.context, hello)
+        tls.set_write_buffer_limits(high=64 * 1024)
+        self.alpn = alpn_ok(tls)
+        self.tls = tls
+        if self.early:
+            self.data_received(bytes(self.early))
+
+    def pause_writing(self) -> None:
+        self.pauses += 1
+        assert self.tls is not None
+        self.tls.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.tls is not None
+        self.tls.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_start_tls_after_flow_control_and_close(certs: Certs, loop_kind: str) -> None:
+    """The direct-TLS handshake on its own, on both event loops: ALPN seen, 8 MB echoed to a
+    client that reads slowly with the server's write buffer kept near its limit, close_notify
+    reaching connection_lost."""
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(certs.server_cert, certs.server_key)
+    server_context.set_alpn_protocols(["postgresql"])
+    client_context = ssl.create_default_context(cafile=str(certs.ca))
+    client_context.set_alpn_protocols(["postgresql"])
+    payload = os.urandom(8 * 1024 * 1024)
+    received = bytearray()
+
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            tls = client_context.wrap_socket(sock, server_hostname="localhost")
+            sender = threading.Thread(target=tls.sendall, args=(payload,))
+            sender.start()
+            while len(received) < len(payload):
+                chunk = tls.recv(256 * 1024)
+                assert chunk, "closed early"
+                received.extend(chunk)
+                time.sleep(0.001)  # a slow reader
+            sender.join(30)
+            tls.unwrap()  # close_notify
+
+    async def run() -> _Echo:
+        protocols: list[_Echo] = []
+
+        def factory() -> _Echo:
+            protocols.append(_Echo(server_context))
+            return protocols[-1]
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            await asyncio.wait_for(asyncio.to_thread(client, port), 90)
+            await asyncio.wait_for(protocols[0].lost, 30)
+        finally:
+            server.close()
+        return protocols[0]
+
+    echo = uvloop.run(run()) if loop_kind == "uvloop" else asyncio.run(run())
+    print(f"\n{loop_kind}: {echo.pauses} pauses, peak TLS write buffer {echo.peak_buffer} bytes")
+    assert echo.alpn is True
+    assert bytes(received) == payload
+    assert echo.pauses > 0  # the slow reader made the TLS transport push back
+    assert echo.peak_buffer < 2 * 1024 * 1024, echo.peak_buffer
+    assert echo.lost.result() is None
 
 
 # ---- server_tls ---------------------------------------------------------------------------------

@@ -729,3 +729,28 @@ def test_server_login_refuses_what_the_secret_cannot_answer(
         pair(ServerLogin(USER, secret, {}), client_auth(method))
     assert info.value.sqlstate == INVALID_PASSWORD
     assert f"only {known} of the password is known" in info.value.message
+
+
+def test_server_logins_derive_the_scram_keys_once_per_verifier(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pool opening many server connections for one role runs PBKDF2 once: the role's salt
+    and iteration count are the same each time. Another salt is another derivation."""
+    calls: list[bytes] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counting(name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        calls.append(salt)
+        return real(name, password, salt, iterations)
+
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counting)
+    password = "pw-" + os.urandom(8).hex()  # nothing cached from other tests
+    role = parse_scram_verifier(pg_verifier(password.encode(), os.urandom(16)))
+    calls.clear()  # pg_verifier itself ran one
+    for _ in range(5):
+        pair(ServerLogin(USER, password, {}), ClientAuth("scram-sha-256", USER, None, role))
+    assert calls == [role[0]]
+    other = parse_scram_verifier(pg_verifier(password.encode(), os.urandom(16)))
+    calls.clear()
+    pair(ServerLogin(USER, password, {}), ClientAuth("scram-sha-256", USER, None, other))
+    assert calls == [other[0]]
