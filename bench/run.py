@@ -53,6 +53,7 @@ PROXIES = ("pgrouter", "pgbouncer")
 CLASSIFIER = "classifier"  # the in-process classifier micro-benchmark, selectable like a workload
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 20.0
+IDLE_S = 2.0  # seconds each proxy is watched at rest after its warm-up
 # On top of LocalCluster's own settings (max_connections 400, fsync off): shared_buffers large
 # enough to hold the scale-10 data set once prewarmed, so no target pays for cold reads.
 CLUSTER_SETTINGS = {"shared_buffers": "512MB"}
@@ -236,6 +237,7 @@ class Report:
     ratios: dict[str, dict[str, float | None]] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     classifier: ClassifierBench | None = None
+    idle_cpu_ms_per_s: dict[str, float] = field(default_factory=dict)  # each proxy at rest
     notes: list[str] = field(default_factory=list)
     finished: str | None = None
 
@@ -298,6 +300,17 @@ def cpu_seconds(pid: int) -> float:
             # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14..17
             ticks += sum(int(f) for f in fields[11:15])
     return ticks / CLK_TCK
+
+
+def run_time_ns(pid: int) -> int:
+    """CPU time of a process tree's live threads in ns (schedstat): finer than the 10 ms
+    ticks of /proc/PID/stat, for the short idle measurement."""
+    total = 0
+    for p in process_tree(pid):
+        for task in Path(f"/proc/{p}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(task.read_text().split()[0])
+    return total
 
 
 def peak_rss_kb(pid: int) -> int | None:
@@ -941,6 +954,10 @@ def print_report(
     if report.classifier is not None:
         print(classifier_table(report.classifier))
         print()
+    if report.idle_cpu_ms_per_s:
+        idle = ", ".join(f"{k} {v:.2f}" for k, v in report.idle_cpu_ms_per_s.items())
+        print(f"Idle CPU, ms per second (included in every CPU figure): {idle}")
+        print()
     print("Targets:")
     for c in report.checks:
         print(f"  {c.status:<5} {c.name} ({c.detail})")
@@ -1002,6 +1019,7 @@ class Endpoints:
         self._stacks[name] = stack
         self.running[name] = endpoint
         self._warm_up(endpoint)
+        self._idle_cpu(endpoint)
         return endpoint
 
     def done_with(self, index: int) -> None:
@@ -1033,6 +1051,15 @@ class Endpoints:
         if binary is None:
             return None
         return lambda: run_pgbouncer(name, binary, cluster, args)
+
+    def _idle_cpu(self, endpoint: Endpoint) -> None:
+        """The process's own background work (health checks, timers), which every run's CPU
+        figure includes: it matters where transactions are few, as with SCRAM connects."""
+        assert endpoint.proc is not None
+        before, start = run_time_ns(endpoint.proc.pid), time.monotonic()
+        time.sleep(IDLE_S)
+        spent_ms = (run_time_ns(endpoint.proc.pid) - before) / 1e6
+        self.report.idle_cpu_ms_per_s[endpoint.name] = spent_ms / (time.monotonic() - start)
 
     def _warm_up(self, endpoint: Endpoint) -> None:
         """A short select-only run per database and user the endpoint will serve: fills
