@@ -1,6 +1,8 @@
 """pgbench comparison of direct PostgreSQL, pgrouter and PgBouncer, side by side, in one run.
 
 Usage: ``.venv/bin/python bench/run.py [--quick] [--only select-c100] [--targets ...]``.
+The same run also compares pgrouter with itself (routing on vs off over 2 replicas, /metrics
+scraped vs not), runs SCRAM connects against PgBouncer and micro-benchmarks the classifier.
 See bench/README.md for what is measured and how to read the output.
 """
 
