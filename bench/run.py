@@ -37,7 +37,7 @@ from router.cluster import ClusterError, LocalCluster, find_pg_bindir
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench's own modules, however run
 
 from classifier import ClassifierBench, classifier_table, run_classifier_bench
-from scrape import Scraper, routed_transactions
+from scrape import Scraper, get_metrics, routed_transactions
 
 BENCH_USER = "bench"
 BENCH_PASSWORD = "bench-secret"
@@ -56,6 +56,7 @@ CLASSIFIER = "classifier"  # the in-process classifier micro-benchmark, selectab
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 20.0
 IDLE_S = 2.0  # seconds each proxy is watched at rest after its warm-up
+SCRAPE_COST_GETS = 20
 # On top of LocalCluster's own settings (max_connections 400, fsync off): shared_buffers large
 # enough to hold the scale-10 data set once prewarmed, so no target pays for cold reads.
 CLUSTER_SETTINGS = {"shared_buffers": "512MB"}
@@ -118,6 +119,7 @@ class Workload:
     columns: tuple[Column, ...] = STANDARD
     compare: tuple[str, str] = ("pgrouter", "pgbouncer")  # the ratio column: first/second
     default: bool = True  # in a plain run; the others need --all or --only
+    interleave: bool = False  # self-comparison: run its two columns A B B A (see schedule)
     what: str = ""  # shown in the title when the columns are not the standard targets
 
     @property
@@ -141,6 +143,7 @@ WORKLOADS = (
         S_C100,
         columns=ROUTED,
         compare=("routing-on", "routing-off"),
+        interleave=True,
         what=ROUTED_WHAT,
     ),
     Workload(
@@ -149,6 +152,7 @@ WORKLOADS = (
         columns=ROUTED,
         compare=("routing-on", "routing-off"),
         default=False,
+        interleave=True,
         what=ROUTED_WHAT,
     ),
     Workload(
@@ -156,6 +160,7 @@ WORKLOADS = (
         S_C100,
         columns=SCRAPED,
         compare=("scraped", "pgrouter"),
+        interleave=True,
         what=SCRAPED_WHAT,
     ),
     Workload(
@@ -164,6 +169,7 @@ WORKLOADS = (
         columns=SCRAPED,
         compare=("scraped", "pgrouter"),
         default=False,
+        interleave=True,
         what=SCRAPED_WHAT,
     ),
     Workload(
@@ -215,6 +221,7 @@ class RunResult:
     replica_share: float | None = None  # routed runs: transactions pgrouter sent to replicas
     scrapes: int | None = None  # scraped runs: /metrics GETs during the run
     scrape_ms: float | None = None  # their mean latency
+    runs: int = 1  # pgbench runs merged into this result (2 when interleaved)
     error: str | None = None
 
 
@@ -240,6 +247,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     classifier: ClassifierBench | None = None
     idle_cpu_ms_per_s: dict[str, float] = field(default_factory=dict)  # each proxy at rest
+    scrape_cpu_ms: dict[str, float] = field(default_factory=dict)  # pgrouter CPU per /metrics
     notes: list[str] = field(default_factory=list)
     finished: str | None = None
 
@@ -959,6 +967,8 @@ def print_report(
     if report.idle_cpu_ms_per_s:
         idle = ", ".join(f"{k} {v:.2f}" for k, v in report.idle_cpu_ms_per_s.items())
         print(f"Idle CPU, ms per second (included in every CPU figure): {idle}")
+        for name, ms in report.scrape_cpu_ms.items():
+            print(f"One /metrics GET costs {name} {ms:.2f} ms of CPU (measured at rest)")
         print()
     print("Targets:")
     for c in report.checks:
@@ -1062,6 +1072,20 @@ class Endpoints:
         time.sleep(IDLE_S)
         spent_ms = (run_time_ns(endpoint.proc.pid) - before) / 1e6
         self.report.idle_cpu_ms_per_s[endpoint.name] = spent_ms / (time.monotonic() - start)
+        if endpoint.metrics_url is not None and endpoint.name == "pgrouter":
+            self._scrape_cost(endpoint)
+
+    def _scrape_cost(self, endpoint: Endpoint) -> None:
+        """What one /metrics GET costs the proxy, measured at rest (no pgbench noise): the
+        scraped run's CPU difference should be about this much per second."""
+        assert endpoint.proc is not None and endpoint.metrics_url is not None
+        before, start = run_time_ns(endpoint.proc.pid), time.monotonic()
+        with contextlib.suppress(OSError):
+            for _ in range(SCRAPE_COST_GETS):
+                get_metrics(endpoint.metrics_url)
+            idle_ms = self.report.idle_cpu_ms_per_s[endpoint.name] * (time.monotonic() - start)
+            spent_ms = (run_time_ns(endpoint.proc.pid) - before) / 1e6 - idle_ms
+            self.report.scrape_cpu_ms[endpoint.name] = spent_ms / SCRAPE_COST_GETS
 
     def _warm_up(self, endpoint: Endpoint) -> None:
         """A short select-only run per database and user the endpoint will serve: fills
@@ -1113,23 +1137,72 @@ def run_workloads(
     report: Report,
 ) -> None:
     for index, workload in enumerate(workloads):
-        for column in selected_columns(workload, args.targets):
+        columns = selected_columns(workload, args.targets)
+        parts: dict[str, list[tuple[RunResult, int]]] = {c.name: [] for c in columns}
+        for column, duration in schedule(workload, columns, args.duration):
             endpoint = endpoints.get(column.endpoint)
             if column.endpoint in endpoints.errors:
-                report.results.append(RunResult(workload.name, column.name, error="did not start"))
+                error = RunResult(workload.name, column.name, error="did not start")
+                parts[column.name].append((error, duration))
                 continue
             if endpoint is None:
                 continue
             if workload.writes:
                 prepare_writes(cluster)
-            log(f"{workload.name} -> {column.name} ({args.duration} s)")
+            log(f"{workload.name} -> {column.name} ({duration} s)")
             try:
-                result = measure(args.bindir, endpoint, workload, column, args.duration)
+                result = measure(args.bindir, endpoint, workload, column, duration)
             except TargetError as exc:
                 result = RunResult(workload.name, column.name, error=str(exc))
                 log(f"{workload.name} -> {column.name}: {exc}")
-            report.results.append(result)
+            parts[column.name].append((result, duration))
+        report.results += [merge(p) for p in parts.values() if p]
         endpoints.done_with(index)
+
+
+def schedule(
+    workload: Workload, columns: Sequence[Column], duration: int
+) -> list[tuple[Column, int]]:
+    """The runs of a workload in order. A self-comparison (its two columns are the same
+    pgrouter) runs A B B A, each for half the time: a load that drifts during the run, as on a
+    shared machine, then weighs on both columns alike."""
+    if not workload.interleave or len(columns) != 2 or duration < 2:
+        return [(c, duration) for c in columns]
+    first, second = duration // 2, duration - duration // 2
+    a, b = columns
+    return [(a, first), (b, first), (b, second), (a, second)]
+
+
+def merge(parts: Sequence[tuple[RunResult, int]]) -> RunResult:
+    """One column's result from its runs (one, or two when interleaved); times weighted by
+    duration, per-transaction figures by transactions."""
+    if len(parts) == 1 or any(r.error for r, _ in parts):
+        return next((r for r, _ in parts if r.error), parts[0][0])
+    runs = [r for r, _ in parts]
+    merged = RunResult(runs[0].workload, runs[0].target, tps_kind=runs[0].tps_kind)
+    txns = [r.transactions or 0 for r in runs]
+    merged.transactions, merged.failed = sum(txns), sum(r.failed or 0 for r in runs)
+    merged.tps = sum((r.tps or 0.0) * d for r, d in parts) / sum(d for _, d in parts)
+
+    def by_txn(values: list[float | None]) -> float | None:
+        if any(v is None for v in values) or not merged.transactions:
+            return None
+        return sum(v * n for v, n in zip(values, txns, strict=True) if v is not None) / sum(txns)
+
+    merged.latency_ms = by_txn([r.latency_ms for r in runs])
+    merged.replica_share = by_txn([r.replica_share for r in runs])
+    if all(r.proxy_cpu_s is not None for r in runs):
+        merged.proxy_cpu_s = sum(r.proxy_cpu_s or 0.0 for r in runs)
+        if merged.transactions:
+            merged.cpu_us_per_txn = merged.proxy_cpu_s * 1e6 / merged.transactions
+    rss = [r.peak_rss_kb for r in runs if r.peak_rss_kb is not None]
+    merged.peak_rss_kb = max(rss) if rss else None
+    if all(r.scrapes is not None for r in runs):
+        merged.scrapes = sum(r.scrapes or 0 for r in runs)
+        ms = sum((r.scrape_ms or 0.0) * (r.scrapes or 0) for r in runs)
+        merged.scrape_ms = ms / merged.scrapes if merged.scrapes else None
+    merged.runs = len(runs)
+    return merged
 
 
 def replicas_needed(args: argparse.Namespace, workloads: Sequence[Workload]) -> int:

@@ -183,3 +183,27 @@ def test_scraper_and_route_counts(metrics_url: str) -> None:
     scraper.stop()
     assert scraper.scrapes >= 3 and scraper.failures == 0
     assert scraper.mean_ms is not None and scraper.mean_ms > 0
+
+
+def test_self_comparisons_run_a_b_b_a_and_merge(bench: ModuleType) -> None:
+    workload = next(w for w in bench.WORKLOADS if w.name == "scraped-select-c100")
+    a, b = workload.columns
+    order = bench.schedule(workload, workload.columns, 11)
+    assert order == [(a, 5), (b, 5), (b, 6), (a, 6)]
+    plain = next(w for w in bench.WORKLOADS if w.name == "select-c100")
+    assert [d for _, d in bench.schedule(plain, plain.columns, 11)] == [11, 11, 11]
+
+    def part(tps: float, txns: int, cpu_s: float, scrapes: int, ms: float) -> Any:
+        return bench.RunResult(workload.name, "scraped", tps=tps, transactions=txns, failed=0,
+                               latency_ms=1.0, proxy_cpu_s=cpu_s, peak_rss_kb=100,
+                               scrapes=scrapes, scrape_ms=ms)  # fmt: skip
+
+    merged = bench.merge(
+        [(part(1000, 5000, 0.1, 5, 10.0), 5), (part(2000, 12000, 0.24, 6, 21.0), 6)]
+    )
+    assert merged.runs == 2 and merged.transactions == 17000
+    assert merged.tps == pytest.approx((1000 * 5 + 2000 * 6) / 11)
+    assert merged.cpu_us_per_txn == pytest.approx(0.34e6 / 17000)
+    assert merged.scrapes == 11 and merged.scrape_ms == pytest.approx(16.0)
+    failed = bench.RunResult(workload.name, "scraped", error="boom")
+    assert bench.merge([(part(1, 1, 0.1, 1, 1.0), 5), (failed, 6)]) is failed
