@@ -106,6 +106,8 @@ class Pool:
         self.login_count = 0  # client logins
         self.wait_count = 0
         self.wait_time = 0.0
+        self.xact_time_ns = 0  # servers linked in a transaction, until ReadyForQuery 'I'
+        self.query_time_ns = 0  # servers busy with client queries, until ReadyForQuery
         self.max_wait = 0.0
         self.connect_count = 0
         self.connect_failures = 0

@@ -13,7 +13,10 @@ has no such concept the column holds 0, an empty string or NULL. Differences tha
   replicas) that pgrouter pools separately; `SHOW SERVERS`, `SHOW BACKENDS` and the metrics
   have the per-backend detail.
 - The `avg_*` columns are averages since the proxy started, not over PgBouncer's 60 s
-  stats_period; transaction and query times are not measured yet and read 0.
+  stats_period. Times are PgBouncer's: a transaction from the server being linked to it (or,
+  on a server the client keeps, from its first message) to ReadyForQuery 'I'; a query from
+  forwarding to the ReadyForQuery that leaves nothing outstanding, so pipelined queries count
+  the time the server was busy, not each query's own.
 - Several commands may be sent in one Query, separated by ';' (PgBouncer takes one).
 - SHOW STATS and SHOW DATABASES end with a few extra columns under the names of older
   PgBouncer releases (`total_requests`, `reserve_pool`, ...) for the pgbouncer_exporter
@@ -267,7 +270,7 @@ def pool_groups(states: Iterable[PoolState]) -> dict[tuple[str, str], PoolCounts
 
 @dataclass(slots=True)
 class Totals:
-    """Counters of the pools of one database, summed (seconds for wait_time)."""
+    """Counters of the pools of one database, summed (wait_time in seconds, *_ns in ns)."""
 
     server_assignment_count: int = 0
     xact_count: int = 0
@@ -277,6 +280,8 @@ class Totals:
     wait_time: float = 0.0
     wait_count: int = 0
     login_count: int = 0
+    xact_time_ns: int = 0
+    query_time_ns: int = 0
 
     def add(self, pool: Pool) -> None:
         self.server_assignment_count += pool.assignment_count
@@ -287,6 +292,17 @@ class Totals:
         self.wait_time += pool.wait_time
         self.wait_count += pool.wait_count
         self.login_count += pool.login_count
+        self.xact_time_ns += pool.xact_time_ns
+        self.query_time_ns += pool.query_time_ns
+
+    @property
+    def xact_time(self) -> float:
+        """Seconds, as the exporter's metrics want them."""
+        return self.xact_time_ns / 1e9
+
+    @property
+    def query_time(self) -> float:
+        return self.query_time_ns / 1e9
 
 
 def database_names(proxy: Proxy) -> list[str]:
@@ -572,18 +588,22 @@ class AdminConsole:
     def _totals_row(t: Totals) -> list[int]:
         return [
             t.server_assignment_count, t.xact_count, t.query_count, t.bytes_received,
-            t.bytes_sent, 0, 0, _us(t.wait_time), 0, 0, 0, t.login_count,
+            t.bytes_sent, t.xact_time_ns // 1000, t.query_time_ns // 1000, _us(t.wait_time),
+            0, 0, 0, t.login_count,
         ]  # fmt: skip
 
     def _averages_row(self, t: Totals, uptime: float) -> list[int]:
         def rate(count: float) -> int:
             return int(count / uptime)
 
+        def per(ns: int, count: int) -> int:
+            return ns // 1000 // count if count else 0
+
         wait = _us(t.wait_time) // t.server_assignment_count if t.server_assignment_count else 0
         return [
             rate(t.server_assignment_count), rate(t.xact_count), rate(t.query_count),
-            rate(t.bytes_received), rate(t.bytes_sent), 0, 0, wait, 0, 0, 0,
-            rate(t.login_count),
+            rate(t.bytes_received), rate(t.bytes_sent), per(t.xact_time_ns, t.xact_count),
+            per(t.query_time_ns, t.query_count), wait, 0, 0, 0, rate(t.login_count),
         ]  # fmt: skip
 
     def show_stats(self) -> bytes:

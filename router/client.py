@@ -19,6 +19,7 @@ import re
 import secrets
 import ssl
 import time
+from time import monotonic_ns
 from typing import TYPE_CHECKING, cast
 
 import structlog
@@ -236,6 +237,7 @@ class ClientSession(asyncio.Protocol):
         "_guard_sql",
         "_guard_stale",
         "_held_begin",
+        "_query_start",
         "_reader",
         "_retried",
         "_server_transport",
@@ -245,6 +247,7 @@ class ClientSession(asyncio.Protocol):
         "_txn_ddl",
         "_txn_writes",
         "_waiter",
+        "_xact_start",
         "admin",
         "buffer",
         "checking",
@@ -307,6 +310,10 @@ class ClientSession(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self._server_transport: asyncio.Transport | None = None
         self.pending = 0  # Query/Sync/FunctionCall sent and not yet answered
+        # monotonic_ns when the server started on the client's work (0: not busy), for the
+        # pool's query and transaction times; read twice per transaction, never per message.
+        self._query_start = 0
+        self._xact_start = 0
         self.buffer = bytearray()  # bytes of a transaction waiting for a server
         self.waiting = False
         self.checking = False  # the server is being asked for its session state
@@ -350,6 +357,10 @@ class ClientSession(asyncio.Protocol):
                     self._custom.update(custom_settings(data))
             transport = self._server_transport
             if transport is not None:  # the forwarding path
+                if not self._query_start:  # the server was waiting for the client
+                    self._query_start = monotonic_ns()
+                    if not self._xact_start:  # session mode, or pinned: the server stayed
+                        self._xact_start = self._query_start
                 if statements is not None:
                     data = statements.feed(data, self.server)  # type: ignore[arg-type]
                 transport.write(data)
@@ -1013,6 +1024,8 @@ class ClientSession(asyncio.Protocol):
         if data is None:
             data = bytes(self.buffer)
             self.buffer.clear()
+        if data:  # (a pinned client may have sent nothing yet)
+            self._xact_start = self._query_start = monotonic_ns()
         if self.statements is not None:
             data = self.statements.feed(data, server)
         server.transport.write(data)  # type: ignore[union-attr]  # connected
@@ -1121,6 +1134,13 @@ class ClientSession(asyncio.Protocol):
         pool.query_count += count
         pool.bytes_sent += len(data)
         self.pending -= count
+        if self.pending <= 0 and self._query_start:  # as PgBouncer: busy time, not per query
+            now = monotonic_ns()
+            pool.query_time_ns += now - self._query_start
+            self._query_start = 0
+            if idle and self._xact_start:
+                pool.xact_time_ns += now - self._xact_start
+                self._xact_start = 0
         if self.pending > 0 or not idle or self.session_mode or not self.scanner.at_boundary:
             return
         self.pending = 0

@@ -86,6 +86,13 @@ class ProxyCollector:
         received = counter("received_bytes", "Bytes received from clients")
         sent = counter("sent_bytes", "Bytes sent to clients")
         wait_seconds = counter("wait_seconds", "Time clients spent waiting for a server")
+        xact_seconds = counter(
+            "transaction_seconds",
+            "Time servers spent in client transactions (SHOW STATS xact_time)",
+        )
+        query_seconds = counter(
+            "query_seconds", "Time servers spent running client queries (SHOW STATS query_time)"
+        )
         waits = counter("waits", "Times a client had to wait for a server")
         assignments = counter("server_assignments", "Times a server was linked to a client")
         logins = counter("logins", "Client logins")
@@ -111,6 +118,8 @@ class ProxyCollector:
             received.add_metric(labels, pool.bytes_received)
             sent.add_metric(labels, pool.bytes_sent)
             wait_seconds.add_metric(labels, pool.wait_time)
+            xact_seconds.add_metric(labels, pool.xact_time_ns / 1e9)
+            query_seconds.add_metric(labels, pool.query_time_ns / 1e9)
             waits.add_metric(labels, pool.wait_count)
             assignments.add_metric(labels, pool.assignment_count)
             logins.add_metric(labels, pool.login_count)
@@ -119,7 +128,8 @@ class ProxyCollector:
         yield from (
             clients_active, clients_waiting, servers_active, servers_idle, servers_tested,
             servers_login, size, max_wait, longest_wait, paused, xacts, queries, received, sent,
-            wait_seconds, waits, assignments, logins, connects, connect_failures,
+            wait_seconds, xact_seconds, query_seconds, waits, assignments, logins, connects,
+            connect_failures,
         )  # fmt: skip
 
     def _backends(self) -> Iterator[Metric]:
@@ -388,6 +398,8 @@ class ProxyCollector:
             ("received_bytes", "bytes_received", "Bytes received from clients"),
             ("sent_bytes", "bytes_sent", "Bytes sent to clients"),
             ("client_wait_seconds", "wait_time", "Time clients waited for a server"),
+            ("queries_duration_seconds", "query_time", "Time servers spent running queries"),
+            ("server_in_transaction_seconds", "xact_time", "Time servers spent in transactions"),
             ("sql_transactions_pooled", "xact_count", "SQL transactions pooled"),
             ("server_assignments", "server_assignment_count", "Server assignments"),
         ]

@@ -259,3 +259,70 @@ def test_routing_decisions_and_classifier_in_metrics(proxy_factory: Any) -> None
     assert got[("pgrouter_routed_transactions", "primary")] >= 1
     assert got[("pgrouter_classifier_cache", "hit")] >= 4  # "SELECT 1" parsed once
     assert got[("pgrouter_classifier_cache", "miss")] >= 2
+
+
+def _stats_row(proxy: Any, database: str = "appdb") -> dict[str, int]:
+    out = psql(proxy, "SHOW STATS")
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.strip().splitlines()
+    row = next(r for r in rows if r.startswith(f"{database}|")).split("|")
+    return {k: int(v) for k, v in zip(header.split("|")[1:], row[1:], strict=True)}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_transaction_and_query_times(proxy_factory: Any, pool_mode: str) -> None:
+    """SHOW STATS and /metrics sum the time servers spend in transactions and in queries
+    (PgBouncer's xact_time and query_time, in µs): a client's pause inside a transaction
+    counts as transaction time, never as query time."""
+    http_port = free_port()
+    proxy = proxy_factory(
+        {"admin": {"users": [APP_USER], "http": f"127.0.0.1:{http_port}"}},
+        pool_mode=pool_mode,
+    )
+    sleep, pause = 0.2, 0.5
+    started = time.monotonic()
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute(f"SELECT pg_sleep({sleep})")
+        with conn.transaction():
+            conn.execute(f"SELECT pg_sleep({sleep})")
+            time.sleep(pause)  # the server waits, linked to this client's transaction
+            conn.execute("SELECT 1")
+    elapsed = time.monotonic() - started
+
+    stats = _stats_row(proxy)
+    xact_s, query_s = stats["total_xact_time"] / 1e6, stats["total_query_time"] / 1e6
+    # Four transactions, four pg_sleep queries; the pause is transaction time only.
+    assert 4 * sleep + pause <= xact_s <= elapsed, stats
+    assert 4 * sleep <= query_s <= elapsed - pause, stats
+    assert query_s < xact_s - pause * 0.9, stats
+    if pool_mode == "transaction":  # session mode releases (counts) its server only at the end
+        assert stats["total_xact_count"] == 4, stats
+        assert stats["avg_xact_time"] == stats["total_xact_time"] // 4, stats
+    queries = stats["total_query_count"]
+    assert queries >= 6, stats  # BEGIN, COMMIT and the five statements, however sent
+    assert stats["avg_query_time"] == stats["total_query_time"] // queries, stats
+
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(_get(f"http://127.0.0.1:{http_port}/metrics")[1])
+    }
+
+    def metric(name: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in families[name].samples
+            if s.name.endswith("_total") and labels.items() <= s.labels.items()
+        )
+
+    for name, seconds in (
+        ("pgbouncer_stats_totals_server_in_transaction_seconds", xact_s),
+        ("pgbouncer_stats_totals_queries_duration_seconds", query_s),
+        ("pgbouncer_stats_server_in_transaction_seconds", xact_s),
+        ("pgbouncer_stats_queries_duration_seconds", query_s),
+        ("pgrouter_pool_transaction_seconds", xact_s),
+        ("pgrouter_pool_query_seconds", query_s),
+    ):
+        # SHOW STATS rounds down to µs; no traffic ran between the two reads
+        assert metric(name, database="appdb") == pytest.approx(seconds, abs=1e-5), name
