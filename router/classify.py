@@ -478,7 +478,9 @@ def _unquoted_primary_route(sql: str) -> Verdict | None:
     return Verdict(False, "set_route", sets_route=Target.PRIMARY)
 
 
-_NUMBER = re.compile(r"(?<![\w$.])\d+(?:\.\d+)?(?![\w$.])")
+# No `$` in the classes: texts with one are not normalised at all (see below), and every
+# character class less makes the substitution faster.
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
 
 
 def normalize_numbers(sql: str) -> str:

@@ -912,13 +912,15 @@ class ClientSession(asyncio.Protocol):
         if not statements:  # Bind of a statement prepared earlier, FunctionCall...: unknown
             router.to_primary += 1
             return self.primary_pool
-        verdicts = [router.classifier.classify(sql) for sql in statements]
-        first = verdicts[0]
-        if first.sets_route is not None and buf[0] == 81 and len(verdicts) == 1:
+        classify = router.classifier.classify
+        first = classify(statements[0])
+        rest = [classify(sql) for sql in statements[1:]] if len(statements) > 1 else None
+        query = buf[0] == 81
+        if first.sets_route is not None and query and rest is None:
             self._set_route(first.sets_route, 1 + int.from_bytes(buf[1:5], "big"))
             return True
-        whole = 1 + int.from_bytes(buf[1:5], "big") == len(buf)
-        single = buf[0] == 81 and len(verdicts) == 1 and whole  # one Query, one statement
+        # One Query, one statement:
+        single = query and rest is None and 1 + int.from_bytes(buf[1:5], "big") == len(buf)
         held = self._held_begin
         if held is None:
             read_only_txn = first.read_only_txn or (
@@ -930,7 +932,7 @@ class ClientSession(asyncio.Protocol):
         elif single and _PLAIN_END.match(statements[0]):
             self._end_held(statements[0])
             return True
-        if any(v.writes_catalog for v in verdicts):
+        if first.writes_catalog or (rest and any(v.writes_catalog for v in rest)):
             router.catalog_changed()
             self._txn_ddl = True
         # Everything buffered goes to one server: all of it must be provably read-only.
@@ -938,16 +940,16 @@ class ClientSession(asyncio.Protocol):
             read = first.read_only or (first.begins and read_only_txn)
         else:  # BEGIN; SET TRANSACTION READ ONLY
             read = first.read_only_txn and first.reason == "set"
-        read = read and all(v.read_only for v in verdicts[1:])
-        hinted = Target.PRIMARY in (first.hint, self.route_override)
-        if not read or hinted:
+        if rest and read:
+            read = all(v.read_only for v in rest)
+        if not read or first.hint is Target.PRIMARY or self.route_override is Target.PRIMARY:
             router.to_primary += 1
-            if all(v.reason == "set" for v in verdicts):
+            if first.reason == "set" and (not rest or all(v.reason == "set" for v in rest)):
                 self._txn_writes = False  # writes nothing: later reads need not wait for it
             return self.primary_pool
         self._txn_writes = False
-        endpoint = router.read_endpoint(self.reader, self.user)
-        if endpoint is None:
+        pool = router.read_pool(self.reader, self.user)
+        if pool is None:
             return self.primary_pool
         if (
             tracked is None
@@ -958,8 +960,7 @@ class ClientSession(asyncio.Protocol):
         ):
             self._guard = bytes(buf)  # kept for a retry on the primary if the replica refuses
             self._guard_sql = statements[0]
-        assert self.database is not None
-        return self.proxy.pool_for(self.database, self.user, endpoint)
+        return pool
 
     def _hold_begin(self, sql: str) -> None:
         """A lone BEGIN: answered here and sent with the transaction's first statement, which
@@ -1342,10 +1343,10 @@ class ClientSession(asyncio.Protocol):
         router = self.router
         assert router is not None and self.database is not None and self.primary_pool is not None
         router.lost_retries += 1
-        endpoint = router.read_endpoint(self.reader, self.user)
-        if endpoint is None or (endpoint.host, endpoint.port) == (host, port):
+        pool = router.read_pool(self.reader, self.user)
+        if pool is None or (pool.key.host, pool.key.port) == (host, port):
             return self.primary_pool
-        return self.proxy.pool_for(self.database, self.user, endpoint)
+        return pool
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         """The server died under this client. An autocommit read whose reply the client has

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from pools.monitor import BackendMonitor
+from pools.pool import Pool
 from pools.server import open_server
 from protocol.auth import LoginError
 from router.classify import VOLATILE_FUNCTIONS_SQL, Classifier
@@ -50,7 +51,13 @@ class Router:
         self._catalog_generation = 0
         self._refresh = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._served: dict[Endpoint, int] = {}
+        # The backends that may serve reads, with their monitors, and per user the pool of
+        # each (same order): looked up once, not on every read.
+        self._members: list[tuple[Endpoint, BackendMonitor]] = []
+        self._pools: dict[str, list[Pool]] = {}
+        self._served: list[int] = []  # reads sent to each member, by the same index
+        self._primary_served = 0  # reads the primary took with reads: any
+        self._find_members()
         # Plain counters, read by the metrics and the admin console.
         self.to_replica = 0
         self.to_primary = 0
@@ -86,6 +93,25 @@ class Router:
             self.classifier.cache_size = max(0, new.classifier_cache_size)
         if new.read_your_writes_scope != "user_address":
             self._readers.clear()
+        self._find_members()  # the backends or their monitors may have changed
+
+    def _find_members(self) -> None:
+        monitors = self.proxy.monitors
+        members = []
+        for endpoint in self.database.backends:
+            monitor = monitors.get((endpoint.host, endpoint.port))
+            if monitor is not None:
+                members.append((endpoint, monitor))
+        self._members = members
+        self._pools.clear()
+        self._served = [0] * len(members)
+
+    def _pools_of(self, user: str) -> list[Pool]:
+        pools = self._pools.get(user)
+        if pools is None:
+            pool_for, database = self.proxy.pool_for, self.database
+            pools = self._pools[user] = [pool_for(database, user, e) for e, _ in self._members]
+        return pools
 
     def reader_for(self, user: str, address: str) -> Reader:
         """The read-your-writes state a client starts with: its own, or with
@@ -156,8 +182,8 @@ class Router:
 
     # ---- decisions ----------------------------------------------------------------------------
 
-    def read_endpoint(self, reader: Reader, user: str) -> Endpoint | None:
-        """A replica for a provably read-only transaction, or None for the primary."""
+    def read_pool(self, reader: Reader, user: str) -> Pool | None:
+        """A replica's pool for a provably read-only transaction, or None for the primary."""
         if not self.catalog_known:
             self.catalog_waits += 1
             self.to_primary += 1
@@ -168,53 +194,63 @@ class Router:
             return None
         primary = self.primary
         primary_lsn = primary.lsn if primary is not None else None
-        max_lag = self.routing.max_replica_lag_bytes
-        max_seconds = self.routing.max_replica_lag_seconds
+        routing = self.routing
+        max_lag = routing.max_replica_lag_bytes if primary_lsn is not None else None
+        max_seconds = routing.max_replica_lag_seconds
+        min_lsn = reader.min_lsn
+        pools = self._pools_of(user)
+        served = self._served
         best: tuple[float, float] | None = None
-        chosen: tuple[Endpoint, BackendMonitor] | None = None
-        least: tuple[float, Endpoint, BackendMonitor] | None = None  # the least lagged
+        chosen = -1
+        least: tuple[float, int] | None = None  # the least lagged
         # Every backend in recovery may serve reads: after a failover the old primary can
         # come back as a replica, and the promoted one is skipped (no longer in recovery).
-        for endpoint in self.database.backends:
-            monitor = self.proxy.monitors.get((endpoint.host, endpoint.port))
-            if monitor is None or not monitor.up or not monitor.in_recovery:
+        for i, (endpoint, monitor) in enumerate(self._members):
+            if not monitor.up or not monitor.in_recovery:
                 continue
             lsn = monitor.lsn
-            if lsn is None or lsn < reader.min_lsn:
+            if lsn is None or lsn < min_lsn:
                 continue
-            if max_lag is not None and primary_lsn is not None and primary_lsn - lsn > max_lag:
-                if least is None or primary_lsn - lsn < least[0]:
-                    least = (primary_lsn - lsn, endpoint, monitor)
+            if max_lag is not None and primary_lsn - lsn > max_lag:  # type: ignore[operator]
+                if least is None or primary_lsn - lsn < least[0]:  # type: ignore[operator]
+                    least = (primary_lsn - lsn, i)  # type: ignore[operator]
                 continue
             if max_seconds is not None and monitor.time_lag > max_seconds:
                 if least is None or monitor.time_lag < least[0]:
-                    least = (monitor.time_lag, endpoint, monitor)
+                    least = (monitor.time_lag, i)
                 continue
-            pool = self.proxy.pool_for(self.database, user, endpoint)
-            busy = len(pool.active) + len(pool.waiters)
+            pool = pools[i]
+            if pool.closed:
+                pool = pools[i] = self.proxy.pool_for(self.database, user, endpoint)
+            weight = endpoint.weight
             # Least busy per weight; among equally busy ones, the least served per weight,
             # which spreads an idle-time trickle of reads by weight too.
-            score = (busy / endpoint.weight, self._served.get(endpoint, 0) / endpoint.weight)
+            score = ((len(pool.active) + len(pool.waiters)) / weight, served[i] / weight)
             if best is None or score < best:
-                best, chosen = score, (endpoint, monitor)
-        if chosen is None and least is not None:
+                best, chosen = score, i
+        if chosen < 0 and least is not None:
             self._lagging(True)
             self.lag_fallbacks += 1
-            if self.routing.lagging_replicas == "least_lagged":
-                chosen = least[1], least[2]
-        elif chosen is not None and self.all_lagging:
+            if routing.lagging_replicas == "least_lagged":
+                chosen = least[1]
+        elif chosen >= 0 and self.all_lagging:
             self._lagging(False)
-        if chosen is None or (self.routing.reads == "any" and self._primary_turn()):
-            if chosen is None:
+        if chosen < 0 or (routing.reads == "any" and self._primary_turn()):
+            if chosen < 0:
                 self.no_replica += 1
             self.to_primary += 1
             return None
-        endpoint, monitor = chosen
-        self._served[endpoint] = self._served.get(endpoint, 0) + 1
-        assert monitor.lsn is not None
-        reader.min_lsn = max(reader.min_lsn, monitor.lsn)  # monotonic reads
+        served[chosen] += 1
+        lsn = self._members[chosen][1].lsn
+        assert lsn is not None
+        reader.min_lsn = max(min_lsn, lsn)  # monotonic reads
         self.to_replica += 1
-        return endpoint
+        pool = pools[chosen]
+        if pool.closed:
+            pool = pools[chosen] = self.proxy.pool_for(
+                self.database, user, self._members[chosen][0]
+            )
+        return pool
 
     def _lagging(self, now: bool) -> None:
         """Log once when every replica falls beyond max_replica_lag, once when one is back."""
@@ -232,10 +268,9 @@ class Router:
 
     def _primary_turn(self) -> bool:
         """With reads: any, the primary takes its share as one more member of weight 1."""
-        turns = sum(self._served.values()) + self._served.get(self.database.primary, 0)
-        members = len(self.database.replicas) + 1
-        if turns % members == 0:
-            self._served[self.database.primary] = self._served.get(self.database.primary, 0) + 1
+        turns = sum(self._served) + self._primary_served
+        if turns % (len(self.database.replicas) + 1) == 0:
+            self._primary_served += 1
             return True
         return False
 

@@ -249,27 +249,27 @@ def test_time_lag_limit_skips_a_replica(proxy: Proxy) -> None:
     router = routed(proxy, max_replica_lag="1s")
     lagging(proxy, 5.0, 0.2)
     for _ in range(4):
-        endpoint = router.read_endpoint(Reader(), "app")
-        assert endpoint is not None and (endpoint.host, endpoint.port) == R2
+        pool = router.read_pool(Reader(), "app")
+        assert pool is not None and (pool.key.host, pool.key.port) == R2
 
 
 def test_every_replica_lagging_reads_go_to_the_primary(proxy: Proxy) -> None:
     router = routed(proxy, max_replica_lag="1s")
     lagging(proxy, 5.0, 3.0)
-    assert router.read_endpoint(Reader(), "app") is None
-    assert router.read_endpoint(Reader(), "app") is None
+    assert router.read_pool(Reader(), "app") is None
+    assert router.read_pool(Reader(), "app") is None
     assert router.lag_fallbacks == 2 and router.all_lagging
     proxy.monitors[R1].time_lag = 0.0
-    endpoint = router.read_endpoint(Reader(), "app")
-    assert endpoint is not None and (endpoint.host, endpoint.port) == R1
+    pool = router.read_pool(Reader(), "app")
+    assert pool is not None and (pool.key.host, pool.key.port) == R1
     assert not router.all_lagging
 
 
 def test_least_lagged_when_every_replica_lags(proxy: Proxy) -> None:
     router = routed(proxy, max_replica_lag="1s", lagging_replicas="least_lagged")
     lagging(proxy, 5.0, 3.0)
-    endpoint = router.read_endpoint(Reader(), "app")
-    assert endpoint is not None and (endpoint.host, endpoint.port) == R2
+    pool = router.read_pool(Reader(), "app")
+    assert pool is not None and (pool.key.host, pool.key.port) == R2
     assert router.lag_fallbacks == 1
 
 
@@ -278,7 +278,7 @@ def test_least_lagged_still_honours_read_your_writes(proxy: Proxy) -> None:
     lagging(proxy, 5.0, 3.0)
     reader = Reader()
     reader.min_lsn = 200  # wrote beyond what either replica replayed
-    assert router.read_endpoint(reader, "app") is None
+    assert router.read_pool(reader, "app") is None
 
 
 def test_byte_lag_least_lagged(proxy: Proxy) -> None:
@@ -286,8 +286,8 @@ def test_byte_lag_least_lagged(proxy: Proxy) -> None:
     good(proxy.monitors[P], recovery=False, lsn=1000)
     good(proxy.monitors[R1], recovery=True, lsn=900)
     good(proxy.monitors[R2], recovery=True, lsn=950)
-    endpoint = router.read_endpoint(Reader(), "app")
-    assert endpoint is not None and (endpoint.host, endpoint.port) == R2
+    pool = router.read_pool(Reader(), "app")
+    assert pool is not None and (pool.key.host, pool.key.port) == R2
 
 
 def test_old_primary_back_as_a_replica_serves_reads(proxy: Proxy) -> None:
@@ -300,8 +300,8 @@ def test_old_primary_back_as_a_replica_serves_reads(proxy: Proxy) -> None:
     proxy.monitors[R2].failed("refused", at_once=True)
     good(proxy.monitors[P], recovery=True, lsn=200)  # rewound, following the new primary
     good(proxy.monitors[P], recovery=True, lsn=200)
-    endpoint = router.read_endpoint(Reader(), "app")
-    assert endpoint is not None and (endpoint.host, endpoint.port) == P
+    pool = router.read_pool(Reader(), "app")
+    assert pool is not None and (pool.key.host, pool.key.port) == P
 
 
 def test_router_reconfigure_keeps_learned_state(proxy: Proxy) -> None:
@@ -310,10 +310,10 @@ def test_router_reconfigure_keeps_learned_state(proxy: Proxy) -> None:
     router = routed(proxy, classifier_cache_size=5)
     assert router.classifier.cache_size == 5
     lagging(proxy, 5.0, 3.0)
-    assert router.read_endpoint(Reader(), "app") is not None  # default lag limit is in bytes
+    assert router.read_pool(Reader(), "app") is not None  # default lag limit is in bytes
     classifier = router.classifier
     router.reconfigure(routed(proxy, max_replica_lag="1s", classifier_cache_size=0).database)
-    assert router.read_endpoint(Reader(), "app") is None  # the new time limit applies
+    assert router.read_pool(Reader(), "app") is None  # the new time limit applies
     assert router.classifier is classifier and classifier.cache_size == 0
     assert router.to_replica == 1 and router.catalog_known
     router.reconfigure(routed(proxy, writing_functions=["audit_read"]).database)
