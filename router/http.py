@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from typing import TYPE_CHECKING
 
 import structlog
@@ -132,14 +133,20 @@ async def _serve(proxy: Proxy, reader: asyncio.StreamReader, writer: asyncio.Str
             await writer.wait_closed()
 
 
-async def start_http(proxy: Proxy, host: str, port: int) -> asyncio.Server:
-    """Listen for the admin HTTP endpoints; the caller closes the returned server."""
+async def start_http(
+    proxy: Proxy, host: str, port: int, sock: socket.socket | None = None
+) -> asyncio.Server:
+    """Listen for the admin HTTP endpoints (on `sock` when handed over); the caller closes
+    the returned server."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve(proxy, reader, writer)
 
-    server = await asyncio.start_server(
-        client, None if host in ("*", "") else host, port, limit=MAX_REQUEST_HEAD
-    )
+    if sock is not None:
+        server = await asyncio.start_server(client, sock=sock, limit=MAX_REQUEST_HEAD)
+    else:
+        server = await asyncio.start_server(
+            client, None if host in ("*", "") else host, port, limit=MAX_REQUEST_HEAD
+        )
     log.info("http listening", address=f"{host}:{port}")
     return server

@@ -1363,3 +1363,30 @@ def test_hosts_errors(hosts_db: dict[str, Any], message: str) -> None:
     data = config_with()
     data["databases"] = {"appdb": hosts_db}
     assert message in errors_of(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Restart and processes
+# --------------------------------------------------------------------------------------------
+
+
+def test_handover_socket_is_taken_from_the_topology_files_directory(tmp_path: Path) -> None:
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(config_with(handover_socket="handover.sock")))
+    assert load_config(path).handover_socket == str(tmp_path / "handover.sock")
+    assert parse_config(MINIMAL).handover_socket is None
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("/no/such/dir/h.sock", "directory not found: /no/such/dir"),
+        ("/tmp/" + "x" * 120, "too long for a Unix socket path"),
+        ("", "must be a file path"),
+        (5, "must be a file path"),
+    ],
+)
+def test_handover_socket_errors(value: object, problem: str) -> None:
+    errors = errors_of(config_with(handover_socket=value))
+    assert len(errors) == 1 and errors[0].startswith("handover_socket: "), errors
+    assert problem in errors[0]
