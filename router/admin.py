@@ -25,6 +25,7 @@ Prometheus collector (`router.metrics`) reads, so both report the same numbers.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -398,6 +399,7 @@ class AdminConsole:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.pausing: str | None = None  # set by PAUSE: the database ("*": all) to wait for
+        self.deferred: asyncio.Future[bytes] | None = None  # an answer still being gathered
         self._commands: dict[str, Callable[[str], bytes]] = {
             "show": self._show,
             "select": self._show,  # PgBouncer treats SELECT like SHOW

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
@@ -13,6 +14,8 @@ import uvloop
 from router.config import Config, ConfigError, check_main, load_config
 from router.handover import HandoverError, HandoverServer, Takeover, take_over
 from router.logs import setup_logging
+
+WORKER_ENV = "PGROUTER_WORKER"  # the worker's description, from its supervisor
 
 log = structlog.get_logger("pgrouter")
 
@@ -57,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.errors:
             print(f"pgrouter: {line}", file=sys.stderr)
         return 1
+    spec = os.environ.get(WORKER_ENV)
+    if spec is not None:  # started by a supervisor
+        from router.worker import WorkerSpec, run_worker
+
+        return run_worker(config, WorkerSpec.decode(spec))
     if args.takeover and config.handover_socket is None:
         print("pgrouter: --takeover needs handover_socket in the topology", file=sys.stderr)
         return 2
@@ -79,6 +87,10 @@ def serve(config: Config, *, takeover: bool = False) -> int:
         else:
             log.info("took over the listening sockets", predecessor=handed.pid)
     try:
+        if config.workers > 1:
+            from router.supervisor import run_supervisor
+
+            return run_supervisor(config, handed)
         return uvloop.run(_serve(config, handed))
     except OSError as exc:
         log.error("cannot start", error=str(exc))

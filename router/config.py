@@ -381,6 +381,7 @@ class Config:
     #: A Unix socket where the running process hands its listening sockets to a successor
     #: started with ``--takeover`` (None: no handover).
     handover_socket: str | None = None
+    workers: int = 1  # processes accepting on the same listeners, each with a share of the pools
     max_packet_size: int = 256 * 1024 * 1024
     server_reset_query: str = "DISCARD ALL"
     auth_type: str = "scram-sha-256"
@@ -440,6 +441,7 @@ _TOP_KEYS = (
     "client_login_timeout",
     "shutdown_timeout",
     "handover_socket",
+    "workers",
     "max_packet_size",
     "server_reset_query",
     "auth_type",
@@ -492,6 +494,7 @@ _CLIENT_TLS_KEYS = ("mode", "cert", "key", "ca")
 _SERVER_TLS_KEYS = ("mode", "ca")
 _MIN_PACKET_SIZE = 1024
 _MAX_UNIX_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+MAX_WORKERS = 64
 
 
 def format_address(host: str, port: int) -> str:
@@ -1248,6 +1251,20 @@ def _socket_path(ck: _Checker, value: object, base: str) -> str | None:
     return name
 
 
+def _check_worker_shares(ck: _Checker, workers: int, databases: Mapping[str, Database]) -> None:
+    """Every worker needs at least one server connection of each pool: the pools are split
+    between the workers so that their total stays within pool_size."""
+    if workers == 1:
+        return
+    for name, database in databases.items():
+        if database.pool_size < workers:
+            ck.error(
+                _join(_join("databases", name), "pool_size"),
+                f"{database.pool_size} is less than workers ({workers}): each worker "
+                "needs at least one server connection of every pool",
+            )
+
+
 def _no_password() -> str:
     raise ValueError("encrypted private keys are not supported")
 
@@ -1437,6 +1454,7 @@ def parse_config(
         client_login_timeout=duration("client_login_timeout", positive=True),
         shutdown_timeout=duration("shutdown_timeout", positive=False),
         handover_socket=_socket_path(ck, get("handover_socket"), base_dir),
+        workers=ck.integer("workers", get("workers"), defaults.workers, 1, MAX_WORKERS),
         max_packet_size=max_packet_size,
         server_reset_query=ck.string(
             "server_reset_query", "" if reset is None else reset, defaults.server_reset_query
@@ -1468,6 +1486,7 @@ def parse_config(
     auth_query_ttl = ck.duration(
         "auth_query_ttl", get("auth_query_ttl"), defaults.auth_query_ttl, positive=False
     )
+    _check_worker_shares(ck, base.workers, databases)
     if ck.errors:
         raise ConfigError(ck.errors)
     return dataclasses.replace(

@@ -9,6 +9,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -34,6 +35,9 @@ from router.logs import set_level
 from router.routing import Router
 from router.statements import StatementRegistry
 
+if TYPE_CHECKING:
+    from router.admin import AdminConsole
+
 log = structlog.get_logger("pgrouter.proxy")
 JANITOR_INTERVAL = 0.5
 #: A draining proxy lets a client that just logged in send its first query: a client that
@@ -42,8 +46,11 @@ FRESH = 0.5
 
 
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: tuple[int, int] = (0, 1)) -> None:
         self.config = config
+        #: (this process's index, the number of worker processes): each pool gets its share
+        #: of the sizes, and cancel keys name the worker that issued them.
+        self.worker_index, self.worker_count = worker
         self.pools: dict[PoolKey, Pool] = {}
         self.clients: set[ClientSession] = set()
         self.listeners: list[asyncio.Server] = []
@@ -80,6 +87,7 @@ class Proxy:
         #: Where a cancel request for a key nobody here has goes (a predecessor still
         #: draining, or the worker that issued the key).
         self.cancel_elsewhere: Callable[[CancelKey], None] | None = None
+        self.console_factory: Callable[[], AdminConsole] | None = None  # set by a worker
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -107,7 +115,7 @@ class Proxy:
                 self.listeners.append(server)
                 self.listener_labels.append(label)
             log.info("listening", address=f"{host}:{port}", inherited=bool(socks))
-        if self.config.admin.http is not None:
+        if self.config.admin.http is not None and self.worker_count == 1:  # else the supervisor's
             from router.http import start_http
 
             host, port = self.config.admin.http
@@ -406,6 +414,14 @@ class Proxy:
             if client.logging_in:
                 client.login_timed_out()
 
+    def admin_console(self) -> AdminConsole:
+        """The console of one admin session (with several workers, one that gathers)."""
+        if self.console_factory is not None:
+            return self.console_factory()
+        from router.admin import AdminConsole
+
+        return AdminConsole(self)
+
     # ---- clients ------------------------------------------------------------------------------
 
     @property
@@ -437,19 +453,25 @@ class Proxy:
             self.pinned[reason] -= 1
 
     def register_cancel_key(self, client: ClientSession) -> tuple[int, int]:
+        """A fresh key; with several workers its pid modulo their number is our index."""
+        count = self.worker_count
         while True:
             key = new_cancel_key()
-            if key[0] not in self._cancel_keys:
+            if count > 1:
+                key = ((key[0] >> 7) * count + self.worker_index, key[1])  # < 2**31
+            if key[0] and key[0] not in self._cancel_keys:
                 self._cancel_keys[key[0]] = client
                 return key
 
-    def cancel(self, key: tuple[int, int]) -> None:
-        """Forward a CancelRequest to the server serving the client with exactly this key."""
-        self.cancel_requests += 1
+    def cancel(self, key: tuple[int, int], forwarded: bool = False) -> None:
+        """Forward a CancelRequest to the server serving the client with exactly this key;
+        a key issued elsewhere goes there (once: a `forwarded` one stops here)."""
         client = self._cancel_keys.get(key[0])
-        if client is None:
-            if self.cancel_elsewhere is not None:
+        if not forwarded:
+            self.cancel_requests += 1
+            if client is None and self.cancel_elsewhere is not None:
                 self.cancel_elsewhere(key)
+        if client is None:
             return
         if not hmac.compare_digest(key[1].to_bytes(4, "big"), client.key[1].to_bytes(4, "big")):
             return
@@ -616,11 +638,16 @@ class Proxy:
 
     # ---- pools --------------------------------------------------------------------------------
 
+    def _share(self, size: int) -> int:
+        """This worker's part of `size`: equal parts, the remainder to the first workers."""
+        count = self.worker_count
+        return size // count + (self.worker_index < size % count)
+
     def _pool_settings(self, database: Database) -> PoolSettings:
         c = self.config
         return PoolSettings(
-            pool_size=database.pool_size,
-            min_pool_size=database.min_pool_size,
+            pool_size=self._share(database.pool_size),
+            min_pool_size=self._share(database.min_pool_size),
             server_idle_timeout=c.server_idle_timeout,
             server_lifetime=c.server_lifetime,
             server_connect_timeout=c.server_connect_timeout,

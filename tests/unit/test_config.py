@@ -1390,3 +1390,20 @@ def test_handover_socket_errors(value: object, problem: str) -> None:
     errors = errors_of(config_with(handover_socket=value))
     assert len(errors) == 1 and errors[0].startswith("handover_socket: "), errors
     assert problem in errors[0]
+
+
+def test_workers_default_and_bounds() -> None:
+    assert parse_config(MINIMAL).workers == 1
+    assert parse_config(config_with(workers=4)).workers == 4
+    assert errors_of(config_with(workers=0))[0].startswith("workers: ")
+    assert errors_of(config_with(workers=65))[0].startswith("workers: ")
+
+
+def test_every_worker_needs_a_server_connection_of_each_pool() -> None:
+    errors = errors_of(
+        config_with(workers=3, databases={"appdb": {"primary": "h:1", "pool_size": 2}})
+    )
+    assert errors == [
+        "databases.appdb.pool_size: 2 is less than workers (3): each worker needs at least "
+        "one server connection of every pool"
+    ]
