@@ -96,3 +96,18 @@ def test_sockets_are_spread_over_the_workers() -> None:
     assert assign([a, b], 2) == [[a], [b]]  # type: ignore[list-item]
     assert assign([a, b, c], 2) == [[a, c], [b]]  # type: ignore[list-item]
     assert assign([a], 3) == [[a], [a], [a]]  # type: ignore[list-item]
+
+
+def test_every_shared_gauge_is_a_gauge_the_collector_exports() -> None:
+    """The list of gauges taken once names only real gauges (a renamed one would be summed)."""
+    from router.merge import SHARED_GAUGES
+    from router.metrics import render
+    from tests.unit.test_admin import make_proxy
+
+    text = render(make_proxy()).decode()
+    gauges = [line.split()[2] for line in text.splitlines() if line.endswith(" gauge")]
+    for entry in SHARED_GAUGES:
+        if entry.endswith("_"):
+            assert any(g.startswith(entry) for g in gauges), entry
+        else:
+            assert entry in gauges, entry
