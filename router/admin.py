@@ -859,6 +859,8 @@ def config_rows(config: Config) -> list[list[str]]:
         ("auth_query_ttl", dur(config.auth_query_ttl), dur(d.auth_query_ttl), True),
         ("admin.users", ",".join(config.admin.users), "", True),
         ("admin.http", http(config.admin), "", False),
+        ("workers", str(config.workers), str(d.workers), False),
+        ("handover_socket", config.handover_socket or "", "", False),
         ("log.level", config.log.level, dl.level, True),
         ("log.format", config.log.format, dl.format, False),
     ]  # fmt: skip

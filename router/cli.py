@@ -122,7 +122,7 @@ async def _serve(config: Config, handed: Takeover | None) -> int:
             config.handover_socket,
             proxy.handover_sockets,
             lambda: finish(config.shutdown_timeout),
-            proxy.cancel,
+            lambda key: proxy.cancel(key, forwarded=True),
         )
         await handover.start()
     if handed is not None:

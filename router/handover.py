@@ -121,7 +121,7 @@ class HandoverServer:
         path: str,
         offer: Callable[[], list[tuple[Label, int]]],
         handed_over: Callable[[], None],
-        cancel: Callable[[CancelKey], None],
+        cancel: Callable[[CancelKey], object],
     ) -> None:
         self.path = path
         self.offer = offer

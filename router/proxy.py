@@ -463,25 +463,27 @@ class Proxy:
                 self._cancel_keys[key[0]] = client
                 return key
 
-    def cancel(self, key: tuple[int, int], forwarded: bool = False) -> None:
-        """Forward a CancelRequest to the server serving the client with exactly this key;
-        a key issued elsewhere goes there (once: a `forwarded` one stops here)."""
+    def cancel(self, key: tuple[int, int], forwarded: bool = False) -> bool:
+        """Forward a CancelRequest to the server serving the client with exactly this key
+        (False: no client has it). A key issued elsewhere goes there, unless `forwarded`:
+        a request passed on is not passed on again by this method."""
         client = self._cancel_keys.get(key[0])
         if not forwarded:
             self.cancel_requests += 1
             if client is None and self.cancel_elsewhere is not None:
                 self.cancel_elsewhere(key)
         if client is None:
-            return
+            return False
         if not hmac.compare_digest(key[1].to_bytes(4, "big"), client.key[1].to_bytes(4, "big")):
-            return
+            return False
         server = client.server
         if server is None:
             client.cancel_waiting()
-            return
+            return True
         asyncio.get_running_loop().create_task(
             _quiet(send_cancel(server.host, server.port, server.backend_key))
         )
+        return True
 
     def auth_method(
         self, client: ClientSession, user: str, database: str

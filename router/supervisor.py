@@ -20,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+from typing import Any
 
 import structlog
 import uvloop
@@ -122,6 +123,8 @@ class Supervisor:
             path = peers.peer_path(self.directory, i)
             self.paths.append(path)
             self.channels.append(peers.listening_socket(path))
+        own = peers.listening_socket(self._channel_path())
+        channel = await peers.serve(own, self._answer)
         if self.config.admin.http is not None:
             host, port = self.config.admin.http
             http = inherited.pop(("http", host, port), None)
@@ -158,6 +161,7 @@ class Supervisor:
         for sock in self.channels:
             sock.close()
         await asyncio.gather(*watchers)
+        channel.close()
         return 0
 
     def _listen(self, inherited: Inherited) -> None:
@@ -234,6 +238,7 @@ class Supervisor:
             channel_fd=self.channels[index].fileno(),
             sockets=tuple((label, sock.fileno()) for label, sock in share),
             supervisor=os.getpid(),
+            supervisor_channel=self._channel_path(),
         )
         assert self.config.source is not None
         return await asyncio.create_subprocess_exec(
@@ -269,6 +274,17 @@ class Supervisor:
             if not ready:
                 return False, reason
         return True, "ready"
+
+    def _channel_path(self) -> str:
+        return os.path.join(self.directory, "supervisor.sock")
+
+    async def _answer(self, request: dict[str, Any]) -> bytes:
+        """The workers' requests: a cancel key none of them issued goes to the process we
+        took over from, while it drains."""
+        if request.get("op") == "cancel" and self.handed is not None:
+            pid, secret = request["key"]
+            self.handed.forward_cancel((int(pid), int(secret)))
+        return b"ok"
 
     def _handover_sockets(self) -> list[tuple[Label, int]]:
         if self.stopping:

@@ -44,6 +44,7 @@ class WorkerSpec:
     channel_fd: int  # this worker's, bound and listening
     sockets: tuple[tuple[Label, int], ...]  # the listening sockets it serves
     supervisor: int  # pid
+    supervisor_channel: str  # where keys no worker issued go (a predecessor's clients)
 
     def encode(self) -> str:
         return json.dumps(
@@ -54,6 +55,7 @@ class WorkerSpec:
                 "channel_fd": self.channel_fd,
                 "sockets": [[*label, fd] for label, fd in self.sockets],
                 "supervisor": self.supervisor,
+                "supervisor_channel": self.supervisor_channel,
             }
         )
 
@@ -67,6 +69,7 @@ class WorkerSpec:
             channel_fd=int(data["channel_fd"]),
             sockets=tuple(((k, h, int(p)), int(fd)) for k, h, p, fd in data["sockets"]),
             supervisor=int(data["supervisor"]),
+            supervisor_channel=str(data["supervisor_channel"]),
         )
 
     @property
@@ -117,12 +120,17 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def forward_cancel(self, key: CancelKey) -> None:
-        """A key another worker issued: hand the request to it."""
+        """A key another worker issued: hand the request to it. One that looks like ours
+        (but nobody here has it) may be a key of the process we took over from."""
         index = key[0] % self.spec.count
         if index == self.spec.index:
-            return  # ours, and nobody has it: a stale or forged key
+            self._send(self.spec.supervisor_channel, key)
+        else:
+            self._send(self.spec.channels[index], key)
+
+    def _send(self, path: str, key: CancelKey) -> None:
         request = {"op": "cancel", "key": list(key)}
-        task = asyncio.get_running_loop().create_task(peers.ask(self.spec.channels[index], request))
+        task = asyncio.get_running_loop().create_task(peers.ask(path, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -138,7 +146,9 @@ class Worker:
             return json.dumps(readiness(proxy)).encode()
         if op == "cancel":
             pid, secret = request["key"]
-            proxy.cancel((int(pid), int(secret)), forwarded=True)
+            key = (int(pid), int(secret))
+            if not proxy.cancel(key, forwarded=True):
+                self._send(self.spec.supervisor_channel, key)
         elif op == "pause":
             if not proxy.is_paused(database or "*"):
                 proxy.pause(database)

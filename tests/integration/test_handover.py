@@ -192,11 +192,19 @@ def test_a_successor_that_dies_before_serving_leaves_the_old_one_serving(
         old.proc.wait(timeout=30)
 
 
+@pytest.mark.parametrize(("old_workers", "new_workers"), [(1, 1), (1, 2), (2, 1)])
 def test_cancel_reaches_a_query_running_on_the_draining_process(
-    proxy_factory: ProxyFactory, tmp_path: Path, handover_path: str
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+    handover_path: str,
+    old_workers: int,
+    new_workers: int,
 ) -> None:
-    """The cancel request's connection lands on the successor, which passes the key on."""
-    old = proxy_factory(handover_socket=handover_path, shutdown_timeout="60s")
+    """The cancel request's connection lands on the successor, which passes the key on
+    (through its workers and supervisor, and the old supervisor to the old worker)."""
+    old = proxy_factory(handover_socket=handover_path, shutdown_timeout="60s", workers=old_workers)
+    if old_workers > 1:
+        wait_for(lambda: "workers serving" in old.log_text(), timeout=60)
     with psycopg.connect(old.dsn(), autocommit=True, connect_timeout=10) as conn:
         outcome: list[Any] = []
 
@@ -210,8 +218,8 @@ def test_cancel_reaches_a_query_running_on_the_draining_process(
         sleeper = threading.Thread(target=sleep)
         sleeper.start()
         time.sleep(0.5)
-        with successor(old, tmp_path) as new:
-            wait_for(lambda: "successor serving; draining" in old.log_text(), timeout=30)
+        with successor(old, tmp_path, {**old.config, "workers": new_workers}) as new:
+            wait_for(lambda: "successor serving; draining" in old.log_text(), timeout=60)
             start = time.monotonic()
             conn.cancel()
             sleeper.join(20)
