@@ -36,6 +36,7 @@ from router.worker import WorkerSpec
 log = structlog.get_logger("pgrouter.supervisor")
 
 RESTART_DELAY = 1.0  # after a worker that crashed, before starting it again
+START_TIMEOUT = 60.0  # for every worker to answer, before a takeover completes
 KILL_GRACE = 10.0  # beyond shutdown_timeout, before a worker that does not exit is killed
 BACKLOG = 2048
 
@@ -139,7 +140,12 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, self.stop, self.config.shutdown_timeout)
         loop.add_signal_handler(signal.SIGINT, self.stop, 0.0)
         loop.add_signal_handler(signal.SIGHUP, self._signal_workers, signal.SIGHUP)
-        await peers.ask_all(self.paths, {"op": "ready"}, timeout=60)  # every worker serves
+        answers = await peers.ask_all(self.paths, {"op": "ready"}, timeout=START_TIMEOUT)
+        if self.handed is not None and not all(answers):
+            log.error("workers did not start; the running process keeps serving")
+            self.stop(0.0)
+            await asyncio.gather(*watchers)
+            return 1
         log.info("workers serving", workers=self.count)
         handover: HandoverServer | None = None
         if self.config.handover_socket is not None:

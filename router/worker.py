@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from router.proxy import Proxy
 log = structlog.get_logger("pgrouter.worker")
 
 PAUSE_POLL = 0.05
+SUPERVISOR_POLL = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,21 @@ async def _serve(config: Config, spec: WorkerSpec) -> int:
     loop.add_signal_handler(signal.SIGTERM, finish, config.shutdown_timeout)
     loop.add_signal_handler(signal.SIGINT, finish, 0.0)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload_from_file)
+    orphan = loop.create_task(_watch_supervisor(spec.supervisor, finish, config.shutdown_timeout))
     timeout = await stop
+    orphan.cancel()
     log.info("shutting down", timeout=timeout)
     await proxy.shutdown(timeout)
     channel.close()
     return 0
+
+
+async def _watch_supervisor(pid: int, finish: Callable[[float], None], timeout: float) -> None:
+    """A worker whose supervisor died (SIGKILL) drains and exits rather than serve alone."""
+    while os.getppid() == pid:
+        await asyncio.sleep(SUPERVISOR_POLL)
+    log.error("supervisor gone; shutting down")
+    finish(timeout)
 
 
 class Worker:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -15,9 +18,18 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from tests.integration.test_handover import Load, logins
-from tests.support import MD5_PASSWORD, MD5_USER, ProxyProcess, free_port, start_proxy, wait_for
+from tests.support import (
+    MD5_PASSWORD,
+    MD5_USER,
+    REPO_ROOT,
+    ProxyProcess,
+    free_port,
+    start_proxy,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -282,3 +294,46 @@ def test_takeover_with_workers_under_load(proxy_factory: ProxyFactory, tmp_path:
     print(f"\nrequests: {load.ok}, slowest connect+SELECT: {load.slowest * 1000:.0f} ms")
     assert load.failures == [], load.failures[:5]
     assert old.returncode == 0
+
+
+def test_a_successor_that_cannot_listen_leaves_the_old_one_serving(
+    proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """The new supervisor cannot bind an added address (taken by another program): it exits
+    1 before saying ready, and the old process never stops accepting."""
+    old = proxy_factory(handover_socket=str(tmp_path / "handover.sock"))
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        config = {**old.config, "workers": 2, "listen": [old.config["listen"], f"127.0.0.1:{busy}"]}
+        path = tmp_path / "successor.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run(
+            [sys.executable, "-m", "router", "--config", str(path), "--takeover"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "cannot start" in result.stderr
+    wait_for(lambda: "takeover abandoned by the successor" in old.log_text(), timeout=20)
+    assert old.returncode is None
+    with psycopg.connect(old.dsn(), autocommit=True, connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_workers_stop_when_the_supervisor_is_killed(proxy_factory: ProxyFactory) -> None:
+    proxy = start(proxy_factory)
+    workers = children(proxy.pid)
+    proxy.proc.kill()
+    proxy.proc.wait(timeout=10)
+
+    def gone(pid: int) -> bool:
+        try:
+            return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        except FileNotFoundError:
+            return True
+
+    wait_for(lambda: all(gone(pid) for pid in workers), timeout=20)
