@@ -289,6 +289,8 @@ def test_takeover_with_workers_under_load(proxy_factory: ProxyFactory, tmp_path:
         assert new.returncode is None
         assert logins(new) > 0 and logins(old) > 0
         assert "workers serving" in new.log_text()
+        # the admin HTTP socket was handed over too: the new supervisor answers on it
+        assert sample(metrics(new), "pgrouter_pool_logins_total", database="appdb", user="app") > 0
     finally:
         new.stop(timeout=30)
     print(f"\nrequests: {load.ok}, slowest connect+SELECT: {load.slowest * 1000:.0f} ms")
