@@ -31,6 +31,9 @@ CancelKey = tuple[int, int]
 
 MAX_FDS = 1024
 TIMEOUT = 30.0  # for each step of a takeover
+#: How long the running process waits for its successor to serve: beyond the successor's own
+#: limit for starting its workers, so only a successor that died is given up on.
+READY_TIMEOUT = 120.0
 
 
 class HandoverError(Exception):
@@ -49,9 +52,13 @@ class Takeover:
         self.sockets = sockets
 
     async def ready(self) -> None:
-        """Tell the predecessor to stop accepting and drain: we serve on the sockets now."""
+        """Tell the predecessor to stop accepting and drain: we serve on the sockets now
+        (if it died meanwhile, we serve all the same)."""
         self.conn.setblocking(False)
-        await asyncio.get_running_loop().sock_sendall(self.conn, b"ready\n")
+        try:
+            await asyncio.get_running_loop().sock_sendall(self.conn, b"ready\n")
+        except OSError as exc:
+            log.warning("the process taken over from is gone", error=str(exc))
 
     def forward_cancel(self, key: CancelKey) -> None:
         """A cancel request for a key we do not know: maybe a client of the predecessor."""
@@ -195,7 +202,7 @@ class HandoverServer:
                 header = {"pid": os.getpid(), "sockets": [label for label, _ in items]}
                 socket.send_fds(conn, [json.dumps(header).encode() + b"\n"], [f for _, f in items])
                 log.info("sockets handed over; waiting for the successor", successor=successor)
-                answer = await asyncio.wait_for(reader.line(), TIMEOUT)
+                answer = await asyncio.wait_for(reader.line(), READY_TIMEOUT)
             finally:
                 self._busy = False
             if answer is None or not answer.startswith("ready"):
