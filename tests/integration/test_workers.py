@@ -339,3 +339,11 @@ def test_workers_stop_when_the_supervisor_is_killed(proxy_factory: ProxyFactory)
             return True
 
     wait_for(lambda: all(gone(pid) for pid in workers), timeout=20)
+
+
+def test_min_pool_size_is_split_between_workers(cluster: Any, proxy_factory: ProxyFactory) -> None:
+    """min_pool_size 3 over 2 workers: 2 + 1 idle servers per pool, 3 in all, not 6."""
+    start(proxy_factory, pool_size=4, min_pool_size=3)
+    wait_for(lambda: server_connections(cluster) == 3 * 2, timeout=30)  # appdb and otherdb
+    time.sleep(2)  # the janitors ran a few times: still no more than that
+    assert server_connections(cluster) == 3 * 2
