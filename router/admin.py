@@ -28,6 +28,7 @@ Prometheus collector (`router.metrics`) reads, so both report the same numbers.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -414,6 +415,7 @@ class AdminConsole:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.pausing: str | None = None  # set by PAUSE: the database ("*": all) to wait for
+        self.deferred: asyncio.Future[bytes] | None = None  # an answer still being gathered
         self._commands: dict[str, Callable[[str], bytes]] = {
             "show": self._show,
             "select": self._show,  # PgBouncer treats SELECT like SHOW
@@ -878,6 +880,8 @@ def config_rows(config: Config) -> list[list[str]]:
         ("auth_query_ttl", dur(config.auth_query_ttl), dur(d.auth_query_ttl), True),
         ("admin.users", ",".join(config.admin.users), "", True),
         ("admin.http", http(config.admin), "", False),
+        ("workers", str(config.workers), str(d.workers), False),
+        ("handover_socket", config.handover_socket or "", "", False),
         ("log.level", config.log.level, dl.level, True),
         ("log.format", config.log.format, dl.format, False),
     ]  # fmt: skip

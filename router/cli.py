@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
@@ -11,7 +12,10 @@ import structlog
 import uvloop
 
 from router.config import Config, ConfigError, check_main, load_config
+from router.handover import HandoverError, HandoverServer, Takeover, take_over
 from router.logs import setup_logging
+
+WORKER_ENV = "PGROUTER_WORKER"  # the worker's description, from its supervisor
 
 log = structlog.get_logger("pgrouter")
 
@@ -30,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", "-c", help="topology file (YAML)")
     parser.add_argument("--port", type=int, default=6432, help="demo: the proxy's port")
+    parser.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the listening sockets over from the pgrouter running on handover_socket, "
+        "which then drains and exits (nobody running there: listen afresh)",
+    )
     return parser
 
 
@@ -50,24 +60,51 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.errors:
             print(f"pgrouter: {line}", file=sys.stderr)
         return 1
-    return serve(config)
+    spec = os.environ.get(WORKER_ENV)
+    if spec is not None:  # started by a supervisor
+        from router.worker import WorkerSpec, run_worker
+
+        return run_worker(config, WorkerSpec.decode(spec))
+    if args.takeover and config.handover_socket is None:
+        print("pgrouter: --takeover needs handover_socket in the topology", file=sys.stderr)
+        return 2
+    return serve(config, takeover=args.takeover)
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, *, takeover: bool = False) -> int:
     """Run the proxy in the foreground until SIGTERM (drain) or SIGINT (at once)."""
     setup_logging(config.log.level, config.log.format)
+    handed: Takeover | None = None
+    if takeover:
+        assert config.handover_socket is not None
+        try:
+            handed = take_over(config.handover_socket)
+        except HandoverError as exc:
+            log.error("cannot take over", error=str(exc))
+            return 1
+        if handed is None:
+            log.warning("no pgrouter to take over from; listening afresh")
+        else:
+            log.info("took over the listening sockets", predecessor=handed.pid)
     try:
-        return uvloop.run(_serve(config))
+        if config.workers > 1:
+            from router.supervisor import run_supervisor
+
+            return run_supervisor(config, handed)
+        return uvloop.run(_serve(config, handed))
     except OSError as exc:
         log.error("cannot start", error=str(exc))
         return 1
+    finally:
+        if handed is not None:
+            handed.close()
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, handed: Takeover | None) -> int:
     from router.proxy import Proxy
 
     proxy = Proxy(config)
-    await proxy.start()
+    await proxy.start(handed.sockets if handed is not None else None)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[float] = loop.create_future()
 
@@ -79,7 +116,21 @@ async def _serve(config: Config) -> int:
     loop.add_signal_handler(signal.SIGTERM, finish, config.shutdown_timeout)
     loop.add_signal_handler(signal.SIGINT, finish, 0.0)
     loop.add_signal_handler(signal.SIGHUP, proxy.reload_from_file)
+    handover: HandoverServer | None = None
+    if config.handover_socket is not None:
+        handover = HandoverServer(
+            config.handover_socket,
+            proxy.handover_sockets,
+            lambda: finish(config.shutdown_timeout),
+            lambda key: proxy.cancel(key, forwarded=True),
+        )
+        await handover.start()
+    if handed is not None:
+        await handed.ready()
+        proxy.cancel_elsewhere = handed.forward_cancel
     timeout = await stop
     log.info("shutting down", timeout=timeout)
+    if handover is not None:
+        handover.close()
     await proxy.shutdown(timeout)
     return 0

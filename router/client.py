@@ -755,9 +755,7 @@ class ClientSession(asyncio.Protocol):
             log.info("admin console refused", client=self.peer, user=self.user)
             self.fatal(e.INSUFFICIENT_PRIVILEGE, "admin console is for admin users only")
             return
-        from router.admin import AdminConsole
-
-        self._console = AdminConsole(self.proxy)
+        self._console = self.proxy.admin_console()
         self._reader = MessageReader(self.proxy.config.max_packet_size)
         params = {
             "server_version": f"15.0 (pgrouter {__version__})",
@@ -782,12 +780,15 @@ class ClientSession(asyncio.Protocol):
         while (
             self.state is State.ADMIN
             and console.pausing is None
+            and console.deferred is None
             and (msg := self._reader.next()) is not None
         ):
             kind, body = msg
             if kind == ord("Q"):
                 reply = console.execute(body.rstrip(b"\0").decode())
-                if console.pausing is not None:
+                if console.deferred is not None:  # gathered from the other workers
+                    console.deferred.add_done_callback(self._deferred_reply)
+                elif console.pausing is not None:
                     self._pause_reply(reply)
                 else:
                     self.transport.write(reply)
@@ -802,6 +803,14 @@ class ClientSession(asyncio.Protocol):
                 )
                 if kind == ord("S"):
                     self.transport.write(m.READY_IDLE)
+
+    def _deferred_reply(self, future: asyncio.Future[bytes]) -> None:
+        console = self._console
+        assert console is not None
+        console.deferred = None
+        if self.state is State.ADMIN:
+            self.transport.write(future.result())
+            self._admin_data(b"")
 
     def _pause_reply(self, reply: bytes) -> None:
         """PAUSE answers once no transaction of the paused databases is running (or they were

@@ -381,6 +381,10 @@ class Config:
     query_wait_timeout: float = 120.0
     client_login_timeout: float = 15.0
     shutdown_timeout: float = 30.0
+    #: A Unix socket where the running process hands its listening sockets to a successor
+    #: started with ``--takeover`` (None: no handover).
+    handover_socket: str | None = None
+    workers: int = 1  # processes accepting on the same listeners, each with a share of the pools
     max_packet_size: int = 256 * 1024 * 1024
     server_reset_query: str = "DISCARD ALL"
     auth_type: str = "scram-sha-256"
@@ -442,6 +446,8 @@ _TOP_KEYS = (
     "query_wait_timeout",
     "client_login_timeout",
     "shutdown_timeout",
+    "handover_socket",
+    "workers",
     "max_packet_size",
     "server_reset_query",
     "auth_type",
@@ -496,6 +502,8 @@ _LOG_KEYS = ("level", "format", "connections")
 _CLIENT_TLS_KEYS = ("mode", "cert", "key", "ca")
 _SERVER_TLS_KEYS = ("mode", "ca")
 _MIN_PACKET_SIZE = 1024
+_MAX_UNIX_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+MAX_WORKERS = 64
 
 
 def format_address(host: str, port: int) -> str:
@@ -1249,6 +1257,37 @@ def _tls_file(ck: _Checker, path: str, value: object, base: str) -> str | None:
     return name
 
 
+def _socket_path(ck: _Checker, value: object, base: str) -> str | None:
+    """handover_socket: a Unix socket path (relative to the topology file's directory)."""
+    if value is _MISSING or value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        ck.error("handover_socket", f"must be a file path, got {_show(value)}")
+        return None
+    name = os.path.join(base, os.path.expanduser(value))
+    if len(os.fsencode(name)) > _MAX_UNIX_PATH:
+        ck.error("handover_socket", f"too long for a Unix socket path: {name}")
+        return None
+    if not os.path.isdir(os.path.dirname(name)):
+        ck.error("handover_socket", f"directory not found: {os.path.dirname(name)}")
+        return None
+    return name
+
+
+def _check_worker_shares(ck: _Checker, workers: int, databases: Mapping[str, Database]) -> None:
+    """Every worker needs at least one server connection of each pool: the pools are split
+    between the workers so that their total stays within pool_size."""
+    if workers == 1:
+        return
+    for name, database in databases.items():
+        if database.pool_size < workers:
+            ck.error(
+                _join(_join("databases", name), "pool_size"),
+                f"{database.pool_size} is less than workers ({workers}): each worker "
+                "needs at least one server connection of every pool",
+            )
+
+
 def _no_password() -> str:
     raise ValueError("encrypted private keys are not supported")
 
@@ -1416,6 +1455,7 @@ def parse_config(
     def limit(key: str) -> int:
         return ck.integer(key, get(key), 0, 0)
 
+    base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
     base = Config(
         listen=_listen(ck, get("listen")),
         pool_mode=ck.choice("pool_mode", get("pool_mode"), defaults.pool_mode, POOL_MODES),
@@ -1436,6 +1476,8 @@ def parse_config(
         query_wait_timeout=duration("query_wait_timeout", positive=True),
         client_login_timeout=duration("client_login_timeout", positive=True),
         shutdown_timeout=duration("shutdown_timeout", positive=False),
+        handover_socket=_socket_path(ck, get("handover_socket"), base_dir),
+        workers=ck.integer("workers", get("workers"), defaults.workers, 1, MAX_WORKERS),
         max_packet_size=max_packet_size,
         server_reset_query=ck.string(
             "server_reset_query", "" if reset is None else reset, defaults.server_reset_query
@@ -1458,7 +1500,6 @@ def parse_config(
     users = _users(ck, get("users"), env, auth_type, auth_rules)
     admin = _admin(ck, top.get("admin"))
     log = _log(ck, top.get("log"))
-    base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
     client_tls = _client_tls(ck, top.get("client_tls"), base_dir)
     server_tls = _server_tls(ck, top.get("server_tls"), base_dir)
     errors_before = len(ck.errors)
@@ -1469,6 +1510,7 @@ def parse_config(
     auth_query_ttl = ck.duration(
         "auth_query_ttl", get("auth_query_ttl"), defaults.auth_query_ttl, positive=False
     )
+    _check_worker_shares(ck, base.workers, databases)
     if ck.errors:
         raise ConfigError(ck.errors)
     return dataclasses.replace(

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("pgrouter.http")
 
+Responder = Callable[[str, str], Awaitable[bytes]]  # (method, target) -> the response
 MAX_REQUEST_HEAD = 8 * 1024
 READ_TIMEOUT = 5.0
 _TEXT = "text/plain; charset=utf-8"
@@ -65,7 +68,7 @@ def readiness(proxy: Proxy) -> tuple[bool, str]:
     return True, "ready"
 
 
-def _response(
+def response(
     status: int,
     body: bytes,
     content_type: str = _TEXT,
@@ -87,43 +90,55 @@ def _response(
 
 def handle_request(proxy: Proxy, method: str, target: str) -> bytes:
     """The complete HTTP response to one request line (sans-IO, used by the server)."""
+    return answer(method, target, lambda: render(proxy), lambda: readiness(proxy))
+
+
+def answer(
+    method: str,
+    target: str,
+    metrics: Callable[[], bytes],
+    ready: Callable[[], tuple[bool, str]],
+) -> bytes:
+    """The response to one request, given where the metrics and the readiness come from."""
     path = target.split("?", 1)[0]
     head = method == "HEAD"
     if path not in ("/metrics", "/healthz", "/readyz"):
-        return _response(404, b"not found\n", head=head)
+        return response(404, b"not found\n", head=head)
     if method not in ("GET", "HEAD"):
-        return _response(405, b"method not allowed\n", extra=(("Allow", "GET, HEAD"),))
+        return response(405, b"method not allowed\n", extra=(("Allow", "GET, HEAD"),))
     if path == "/metrics":
-        return _response(200, render(proxy), CONTENT_TYPE, head=head)
+        return response(200, metrics(), CONTENT_TYPE, head=head)
     if path == "/healthz":
-        return _response(200, b"ok\n", head=head)
-    ready, reason = readiness(proxy)
-    return _response(200 if ready else 503, reason.encode() + b"\n", head=head)
+        return response(200, b"ok\n", head=head)
+    is_ready, reason = ready()
+    return response(200 if is_ready else 503, reason.encode() + b"\n", head=head)
 
 
-async def _serve(proxy: Proxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _serve(
+    respond: Responder, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
         except asyncio.LimitOverrunError:
-            writer.write(_response(431, b"request too large\n"))
+            writer.write(response(431, b"request too large\n"))
             return
         except TimeoutError:
-            writer.write(_response(408, b"request timeout\n"))
+            writer.write(response(408, b"request timeout\n"))
             return
         except (asyncio.IncompleteReadError, ConnectionError):
             return
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         parts = request_line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            writer.write(_response(400, b"bad request\n"))
+            writer.write(response(400, b"bad request\n"))
             return
         method, target, _ = parts
         try:
-            writer.write(handle_request(proxy, method, target))
+            writer.write(await respond(method, target))
         except Exception:
             log.exception("http request failed", method=method, target=target)
-            writer.write(_response(500, b"internal error\n"))
+            writer.write(response(500, b"internal error\n"))
     finally:
         with contextlib.suppress(ConnectionError):
             await writer.drain()
@@ -132,14 +147,31 @@ async def _serve(proxy: Proxy, reader: asyncio.StreamReader, writer: asyncio.Str
             await writer.wait_closed()
 
 
-async def start_http(proxy: Proxy, host: str, port: int) -> asyncio.Server:
-    """Listen for the admin HTTP endpoints; the caller closes the returned server."""
+async def start_http(
+    proxy: Proxy, host: str, port: int, sock: socket.socket | None = None
+) -> asyncio.Server:
+    """Listen for the admin HTTP endpoints (on `sock` when handed over); the caller closes
+    the returned server."""
+
+    async def respond(method: str, target: str) -> bytes:
+        return handle_request(proxy, method, target)
+
+    return await start_http_server(respond, host, port, sock)
+
+
+async def start_http_server(
+    respond: Responder, host: str, port: int, sock: socket.socket | None = None
+) -> asyncio.Server:
+    """An HTTP server whose answers come from `respond(method, target)`."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve(proxy, reader, writer)
+        await _serve(respond, reader, writer)
 
-    server = await asyncio.start_server(
-        client, None if host in ("*", "") else host, port, limit=MAX_REQUEST_HEAD
-    )
+    if sock is not None:
+        server = await asyncio.start_server(client, sock=sock, limit=MAX_REQUEST_HEAD)
+    else:
+        server = await asyncio.start_server(
+            client, None if host in ("*", "") else host, port, limit=MAX_REQUEST_HEAD
+        )
     log.info("http listening", address=f"{host}:{port}")
     return server

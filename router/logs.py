@@ -30,6 +30,19 @@ def set_level(level: str) -> None:
     _threshold = _LEVELS.get(level, logging.INFO)
 
 
+_process_fields: dict[str, Any] = {}
+
+
+def _add_process_fields(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    event.update(_process_fields)
+    return event
+
+
+def bind_process(**fields: Any) -> None:
+    """Fields every later event of this process carries (a worker's index)."""
+    _process_fields.update(fields)
+
+
 def setup_logging(level: str = "info", fmt: str = "console") -> None:
     set_level(level)
     renderer: structlog.typing.Processor = (
@@ -41,6 +54,7 @@ def setup_logging(level: str = "info", fmt: str = "console") -> None:
         processors=[
             _by_level,
             structlog.contextvars.merge_contextvars,
+            _add_process_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -29,20 +31,31 @@ from router.access import ClientLimits, choose_rule, peer_address, rule_refusal
 from router.auth_query import AuthQuery, LookupKey
 from router.client import PIN_REASONS, ClientSession, new_cancel_key
 from router.config import SCRAM_PREFIX, Config, ConfigError, Database, Endpoint, load_config
+from router.handover import CancelKey, Inherited, Label
 from router.logs import set_level
 from router.routing import Router
 from router.statements import StatementRegistry
 
+if TYPE_CHECKING:
+    from router.admin import AdminConsole
+
 log = structlog.get_logger("pgrouter.proxy")
 JANITOR_INTERVAL = 0.5
+#: A draining proxy lets a client that just logged in send its first query: a client that
+#: connects per request is not cut between its login and its transaction.
+FRESH = 0.5
 
 
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: tuple[int, int] = (0, 1)) -> None:
         self.config = config
+        #: (this process's index, the number of worker processes): each pool gets its share
+        #: of the sizes, and cancel keys name the worker that issued them.
+        self.worker_index, self.worker_count = worker
         self.pools: dict[PoolKey, Pool] = {}
         self.clients: set[ClientSession] = set()
         self.listeners: list[asyncio.Server] = []
+        self.listener_labels: list[Label] = []  # the topology address of each listener
         self.http: asyncio.Server | None = None
         self.monitors: dict[tuple[str, int], BackendMonitor] = {}  # by backend address
         self.routers: dict[str, Router] = {}  # databases whose reads may go to replicas
@@ -73,26 +86,47 @@ class Proxy:
         self.login_refusals = 0  # by auth_rules and the per-user/per-database limits
         self.paused: set[str] = set()  # database names held by PAUSE; "*" for all
         self.on_shutdown_request: Callable[[], None] | None = None  # set by the CLI
+        #: Where a cancel request for a key nobody here has goes (a predecessor still
+        #: draining, or the worker that issued the key).
+        self.cancel_elsewhere: Callable[[CancelKey], None] | None = None
+        self.console_factory: Callable[[], AdminConsole] | None = None  # set by a worker
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, inherited: Inherited | None = None) -> None:
+        """Listen, on the sockets handed over by a predecessor (or a supervisor) where they
+        match the topology's addresses, else on freshly bound ones."""
         loop = asyncio.get_running_loop()
+        inherited = inherited if inherited is not None else {}
         for host, port in self.config.listen:
-            server = await loop.create_server(
-                lambda: ClientSession(self),
-                None if host in ("*", "") else host,  # every interface
-                port,
-                reuse_address=True,
-                backlog=2048,
-            )
-            self.listeners.append(server)
-            log.info("listening", address=f"{host}:{port}")
-        if self.config.admin.http is not None:
+            label: Label = ("listen", host, port)
+            socks: list[socket.socket | None] = list(inherited.pop(label, ()))
+            for sock in socks or [None]:
+                if sock is None:
+                    server = await loop.create_server(
+                        lambda: ClientSession(self),
+                        None if host in ("*", "") else host,  # every interface
+                        port,
+                        reuse_address=True,
+                        backlog=2048,
+                    )
+                else:
+                    server = await loop.create_server(
+                        lambda: ClientSession(self), sock=sock, backlog=2048
+                    )
+                self.listeners.append(server)
+                self.listener_labels.append(label)
+            log.info("listening", address=f"{host}:{port}", inherited=bool(socks))
+        if self.config.admin.http is not None and self.worker_count == 1:  # else the supervisor's
             from router.http import start_http
 
             host, port = self.config.admin.http
-            self.http = await start_http(self, host, port)
+            http = inherited.pop(("http", host, port), None)
+            self.http = await start_http(self, host, port, http[0] if http else None)
+        for label, unused in inherited.items():  # addresses the topology no longer has
+            log.info("closing a listener no longer configured", address=f"{label[1]}:{label[2]}")
+            for sock in unused:
+                sock.close()
         self._janitor = loop.create_task(self._janitor_loop())
         self._start_monitors()
         self._start_routers()
@@ -101,16 +135,30 @@ class Proxy:
                 if database.min_pool_size > 0:
                     self.pool_for(database, user).fill()
 
+    def handover_sockets(self) -> list[tuple[Label, int]]:
+        """The listening sockets (label, fd) a successor takes over; none once closed."""
+        items = [
+            (label, sock.fileno())
+            for label, server in zip(self.listener_labels, self.listeners, strict=True)
+            if server.is_serving()
+            for sock in server.sockets
+        ]
+        if items and self.http is not None and self.config.admin.http is not None:
+            host, port = self.config.admin.http
+            items += [(("http", host, port), sock.fileno()) for sock in self.http.sockets]
+        return items
+
     async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, let linked clients finish their transactions, then close."""
+        """Stop accepting, let clients finish their logins and transactions, then close."""
         for server in self.listeners:
             server.close()
         if self.http is not None:
             self.http.close()
         deadline = time.monotonic() + timeout
-        while any(c.server is not None or c.waiting for c in self.clients):
-            if time.monotonic() > deadline:
-                break
+        while (now := time.monotonic()) <= deadline and any(
+            c.server is not None or c.waiting or c.logging_in or now - c.connected_at < FRESH
+            for c in self.clients
+        ):
             await asyncio.sleep(0.05)
         for client in list(self.clients):
             client.fatal("57P01", "terminating connection due to administrator command")
@@ -430,6 +478,14 @@ class Proxy:
             if client.logging_in:
                 client.login_timed_out()
 
+    def admin_console(self) -> AdminConsole:
+        """The console of one admin session (with several workers, one that gathers)."""
+        if self.console_factory is not None:
+            return self.console_factory()
+        from router.admin import AdminConsole
+
+        return AdminConsole(self)
+
     # ---- clients ------------------------------------------------------------------------------
 
     @property
@@ -461,27 +517,37 @@ class Proxy:
             self.pinned[reason] -= 1
 
     def register_cancel_key(self, client: ClientSession) -> tuple[int, int]:
+        """A fresh key; with several workers its pid modulo their number is our index."""
+        count = self.worker_count
         while True:
             key = new_cancel_key()
-            if key[0] not in self._cancel_keys:
+            if count > 1:
+                key = ((key[0] >> 7) * count + self.worker_index, key[1])  # < 2**31
+            if key[0] and key[0] not in self._cancel_keys:
                 self._cancel_keys[key[0]] = client
                 return key
 
-    def cancel(self, key: tuple[int, int]) -> None:
-        """Forward a CancelRequest to the server serving the client with exactly this key."""
-        self.cancel_requests += 1
+    def cancel(self, key: tuple[int, int], forwarded: bool = False) -> bool:
+        """Forward a CancelRequest to the server serving the client with exactly this key
+        (False: no client has it). A key issued elsewhere goes there, unless `forwarded`:
+        a request passed on is not passed on again by this method."""
         client = self._cancel_keys.get(key[0])
+        if not forwarded:
+            self.cancel_requests += 1
+            if client is None and self.cancel_elsewhere is not None:
+                self.cancel_elsewhere(key)
         if client is None:
-            return
+            return False
         if not hmac.compare_digest(key[1].to_bytes(4, "big"), client.key[1].to_bytes(4, "big")):
-            return
+            return False
         server = client.server
         if server is None:
             client.cancel_waiting()
-            return
+            return True
         asyncio.get_running_loop().create_task(
             _quiet(send_cancel(server.host, server.port, server.backend_key))
         )
+        return True
 
     def auth_method(
         self, client: ClientSession, user: str, database: str
@@ -638,11 +704,16 @@ class Proxy:
 
     # ---- pools --------------------------------------------------------------------------------
 
+    def _share(self, size: int) -> int:
+        """This worker's part of `size`: equal parts, the remainder to the first workers."""
+        count = self.worker_count
+        return size // count + (self.worker_index < size % count)
+
     def _pool_settings(self, database: Database) -> PoolSettings:
         c = self.config
         return PoolSettings(
-            pool_size=database.pool_size,
-            min_pool_size=database.min_pool_size,
+            pool_size=self._share(database.pool_size),
+            min_pool_size=self._share(database.min_pool_size),
             server_idle_timeout=c.server_idle_timeout,
             server_lifetime=c.server_lifetime,
             server_connect_timeout=c.server_connect_timeout,

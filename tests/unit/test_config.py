@@ -1394,3 +1394,47 @@ def test_failover_timeout_errors_name_the_path() -> None:
     assert errors_of(db_with(failover_timeout=-1))[0].startswith(
         "databases.appdb.failover_timeout: "
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Restart and processes
+# --------------------------------------------------------------------------------------------
+
+
+def test_handover_socket_is_taken_from_the_topology_files_directory(tmp_path: Path) -> None:
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(config_with(handover_socket="handover.sock")))
+    assert load_config(path).handover_socket == str(tmp_path / "handover.sock")
+    assert parse_config(MINIMAL).handover_socket is None
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("/no/such/dir/h.sock", "directory not found: /no/such/dir"),
+        ("/tmp/" + "x" * 120, "too long for a Unix socket path"),
+        ("", "must be a file path"),
+        (5, "must be a file path"),
+    ],
+)
+def test_handover_socket_errors(value: object, problem: str) -> None:
+    errors = errors_of(config_with(handover_socket=value))
+    assert len(errors) == 1 and errors[0].startswith("handover_socket: "), errors
+    assert problem in errors[0]
+
+
+def test_workers_default_and_bounds() -> None:
+    assert parse_config(MINIMAL).workers == 1
+    assert parse_config(config_with(workers=4)).workers == 4
+    assert errors_of(config_with(workers=0))[0].startswith("workers: ")
+    assert errors_of(config_with(workers=65))[0].startswith("workers: ")
+
+
+def test_every_worker_needs_a_server_connection_of_each_pool() -> None:
+    errors = errors_of(
+        config_with(workers=3, databases={"appdb": {"primary": "h:1", "pool_size": 2}})
+    )
+    assert errors == [
+        "databases.appdb.pool_size: 2 is less than workers (3): each worker needs at least "
+        "one server connection of every pool"
+    ]
