@@ -12,6 +12,7 @@ from collections.abc import Callable
 import structlog
 
 from pools.monitor import BackendMonitor
+from pools.patroni import PatroniCluster, PatroniWatcher
 from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import send_cancel
 from protocol import errors as e
@@ -44,6 +45,8 @@ class Proxy:
         self.listeners: list[asyncio.Server] = []
         self.http: asyncio.Server | None = None
         self.monitors: dict[tuple[str, int], BackendMonitor] = {}  # by backend address
+        self.patroni_watchers: dict[str, PatroniWatcher] = {}  # by REST API URL
+        self.patroni: dict[str, PatroniCluster] = {}  # databases whose leader Patroni decides
         self.routers: dict[str, Router] = {}  # databases whose reads may go to replicas
         # Where each database's writes go now: its configured primary until a monitor shows
         # another backend promoted. `fenced` holds the databases refusing writes because two
@@ -118,6 +121,8 @@ class Proxy:
             self._janitor.cancel()
         for monitor in self.monitors.values():
             monitor.stop()
+        for watcher in self.patroni_watchers.values():
+            watcher.stop()
         for router in self.routers.values():
             router.stop()
         await asyncio.sleep(0)  # let transports flush their last writes
@@ -158,8 +163,30 @@ class Proxy:
                     self.monitors[address] = monitor
         for database in c.databases.values():
             self._set_upstream(database)
+            self._watch_patroni(database)
         for monitor in self.monitors.values():
             monitor.start()
+        for watcher in self.patroni_watchers.values():
+            watcher.start()
+
+    def _watch_patroni(self, database: Database) -> None:
+        """A database whose members name their Patroni REST API: Patroni decides its leader."""
+        members: dict[tuple[str, int], PatroniWatcher] = {}
+        for endpoint in database.backends:
+            if endpoint.patroni is None:
+                continue
+            watcher = self.patroni_watchers.get(endpoint.patroni)
+            if watcher is None:
+                watcher = PatroniWatcher(
+                    endpoint.patroni,
+                    interval=self.config.health_check_interval,
+                    timeout=self.config.health_check_timeout,
+                )
+                watcher.listeners.append(self._patroni_changed)
+                self.patroni_watchers[endpoint.patroni] = watcher
+            members[(endpoint.host, endpoint.port)] = watcher
+        if members:
+            self.patroni[database.name] = PatroniCluster(database.name, members)
 
     # ---- health and failover ------------------------------------------------------------------
 
@@ -196,14 +223,23 @@ class Proxy:
             if any((b.host, b.port) == address for b in database.backends):
                 self._resolve_primary(database)
 
+    def _patroni_changed(self, watcher: PatroniWatcher) -> None:
+        for name, patroni in self.patroni.items():
+            if watcher in patroni.members.values():
+                self._resolve_primary(self.config.databases[name])
+
     def _resolve_primary(self, database: Database) -> None:
-        """Exactly one backend up and out of recovery: it is the primary. Two or more: fence
-        the database (writes refused) until one remains. None: keep the current one (its
-        connection errors tell the clients)."""
+        """Exactly one backend up and out of recovery (and, with Patroni, holding the leader
+        lock): it is the primary. Two or more: fence the database (writes refused) until one
+        remains. None: keep the current one (its connection errors tell the clients)."""
+        patroni = self.patroni.get(database.name)
+        leaders = None if patroni is None else patroni.leaders()
         claims = []
         for endpoint in database.backends:
-            monitor = self.monitors.get((endpoint.host, endpoint.port))
-            if monitor is not None and monitor.up and monitor.in_recovery is False:
+            address = (endpoint.host, endpoint.port)
+            monitor = self.monitors.get(address)
+            writable = monitor is not None and monitor.up and monitor.in_recovery is False
+            if writable and (leaders is None or address in leaders):
                 claims.append(endpoint)
         name = database.name
         if len(claims) > 1:
@@ -218,7 +254,13 @@ class Proxy:
         if new != old:
             self.primaries[name] = new
             self.failovers[name] = self.failovers.get(name, 0) + 1
-            log.warning("primary changed", database=name, old=old.address, new=new.address)
+            log.warning(
+                "primary changed",
+                database=name,
+                old=old.address,
+                new=new.address,
+                by="pg_is_in_recovery" if leaders is None else "patroni",
+            )
             self._set_upstream(database)
         elif was_fenced:
             log.warning("one primary again: writes accepted", database=name, primary=new.address)
@@ -288,9 +330,13 @@ class Proxy:
         if self._janitor is not None:  # running: the backends may have changed
             for monitor in self.monitors.values():
                 monitor.stop()
+            for watcher in self.patroni_watchers.values():
+                watcher.stop()
             for router in self.routers.values():
                 router.stop()
             self.monitors.clear()
+            self.patroni_watchers.clear()
+            self.patroni.clear()
             self.routers.clear()
             for name, endpoint in list(self.primaries.items()):
                 database = config.databases.get(name)
