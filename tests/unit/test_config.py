@@ -97,7 +97,7 @@ def test_full_example_parses() -> None:
         AuthRule("scram-sha-256", index=3),
     )
 
-    assert list(config.databases) == ["appdb", "billing", "appdb_session"]
+    assert list(config.databases) == ["appdb", "billing", "appdb_session", "orders"]
     appdb = config.databases["appdb"]
     assert appdb.primary == Endpoint("10.0.0.1", 5432)
     assert appdb.replicas == (Endpoint("10.0.0.2"), Endpoint("10.0.0.3", 5432, 2))
@@ -116,6 +116,9 @@ def test_full_example_parses() -> None:
         max_replica_lag_bytes=None,
         max_replica_lag_seconds=10.0,
     )
+    orders = config.databases["orders"]
+    assert orders.primary == Endpoint("10.0.1.1", 5432, 1, "http://10.0.1.1:8008")
+    assert [e.patroni for e in orders.replicas] == ["http://10.0.1.2:8008", "http://10.0.1.3:8008"]
 
 
 def test_full_example_states_the_defaults() -> None:
