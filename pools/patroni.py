@@ -106,8 +106,9 @@ class PatroniWatcher:
 class PatroniCluster:
     """The Patroni view of one database: which member addresses hold the leader lock.
 
-    `leaders()` is None while no member's API answers: the caller then finds the primary by
-    itself. Entering and leaving that fallback is logged once each.
+    `leaders()` is None once every member's API failed to answer: the caller then finds the
+    primary by itself. Entering and leaving that fallback is logged once each. Before the
+    first answers nobody is named, so nothing changes until Patroni has had its say.
     """
 
     def __init__(self, name: str, members: dict[tuple[str, int], PatroniWatcher]) -> None:
@@ -118,7 +119,9 @@ class PatroniCluster:
     def leaders(self) -> frozenset[tuple[str, int]] | None:
         answered = [a for a, w in self.members.items() if w.leader is not None]
         if not answered:
-            if not self.fallback and all(w.error for w in self.members.values()):
+            if not all(w.error for w in self.members.values()):
+                return frozenset()  # not every member asked yet
+            if not self.fallback:
                 self.fallback = True
                 log.warning(
                     "Patroni unreachable: roles from pg_is_in_recovery()",
