@@ -4,8 +4,9 @@ PostgreSQL servers, all on loopback, in a temporary directory.
 Uses the machine's `etcd` and `patroni` (Debian: etcd-server, patroni; deploy/bootstrap.sh
 installs them). As root everything runs as the `postgres` OS user, since PostgreSQL refuses
 root. Tuned for fast, safe failover: `loop_wait` 1 s, `synchronous_mode` on (an acknowledged
-commit is on the synchronous standby, the only member Patroni promotes), and
-`primary_start_timeout` 0 (a crashed leader fails over instead of restarting).
+commit is on the synchronous standby, the only member Patroni promotes),
+`primary_start_timeout` 0 (a crashed leader fails over instead of restarting) and pg_rewind
+(the crashed leader rejoins as a replica, so the next test finds three healthy members).
 """
 
 from __future__ import annotations
