@@ -88,10 +88,11 @@ fi
 
 # Prometheus and pgbouncer_exporter: tests/integration/test_dashboard.py runs the machine's
 # prometheus binary against a live pgrouter, tests/integration/test_exporter.py the machine's
-# prometheus-pgbouncer-exporter against its admin console. Only the binaries are needed:
-# Debian's services are not started (a temporary policy-rc.d stops apt from starting them).
-# Without root: prometheus is optional (the dashboard test is skipped); without the exporter
-# its test fails and says what to install.
+# prometheus-pgbouncer-exporter against its admin console. Patroni and etcd:
+# tests/integration/test_patroni.py starts a three-member Patroni cluster with etcd. Only the
+# binaries are needed: Debian's services are not started (a temporary policy-rc.d stops apt
+# from starting them). Without root: prometheus, Patroni and etcd are optional (their tests are
+# skipped); without the exporter its test fails and says what to install.
 have_prometheus() {
     [[ -x /usr/bin/prometheus ]] || command -v prometheus >/dev/null 2>&1
 }
@@ -99,6 +100,10 @@ have_prometheus() {
 have_pgbouncer_exporter() {
     [[ -x /usr/bin/prometheus-pgbouncer-exporter ]] ||
         command -v prometheus-pgbouncer-exporter >/dev/null 2>&1
+}
+
+have_command() {
+    command -v "$1" >/dev/null 2>&1
 }
 
 # The package lists may predate a package (or be empty): update once and retry.
@@ -113,6 +118,8 @@ apt_install() {
 packages=()
 have_prometheus || packages+=(prometheus)
 have_pgbouncer_exporter || packages+=(prometheus-pgbouncer-exporter)
+have_command patroni || packages+=(patroni)
+have_command etcd || packages+=(etcd-server)
 if ((${#packages[@]})); then
     if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         export DEBIAN_FRONTEND=noninteractive
@@ -132,6 +139,10 @@ if ((${#packages[@]})); then
         if ! have_prometheus; then
             echo "bootstrap: prometheus not found; the Grafana dashboard test will be skipped" \
                 "(Debian/Ubuntu: sudo apt-get install prometheus)" >&2
+        fi
+        if ! have_command patroni || ! have_command etcd; then
+            echo "bootstrap: patroni or etcd not found; the Patroni HA tests will be skipped" \
+                "(Debian/Ubuntu: sudo apt-get install patroni etcd-server)" >&2
         fi
         if ! have_pgbouncer_exporter; then
             echo "bootstrap: prometheus-pgbouncer-exporter not found;" \

@@ -25,6 +25,7 @@ from fractions import Fraction
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from types import MappingProxyType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -79,6 +80,7 @@ ADMIN_DATABASES = ("pgrouter", "pgbouncer")
 DEFAULT_LISTEN: tuple[tuple[str, int], ...] = (("127.0.0.1", 6432),)
 DEFAULT_LISTEN_PORT = 6432
 DEFAULT_SERVER_PORT = 5432
+DEFAULT_PATRONI_PORT = 8008  # Patroni's REST API
 DEFAULT_MAX_REPLICA_LAG_BYTES = 1024 * 1024
 SCRAM_PREFIX = "SCRAM-SHA-256$"
 
@@ -211,11 +213,13 @@ def parse_size(value: object) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One PostgreSQL server; ``weight`` biases replica selection (1..1000)."""
+    """One PostgreSQL server; ``weight`` biases replica selection (1..1000). ``patroni`` is
+    the member's Patroni REST API (``http://host:port``), which then decides the leader."""
 
     host: str
     port: int = DEFAULT_SERVER_PORT
     weight: int = 1
+    patroni: str | None = None
 
     @property
     def address(self) -> str:
@@ -494,7 +498,7 @@ _ROUTING_KEYS = (
     "classifier_cache_size",
 )
 _FUNCTION_NAME = re.compile(r"(?:[a-z_][a-z0-9_$]*\.)?[a-z_][a-z0-9_$]*\Z")
-_ENDPOINT_KEYS = ("host", "port", "weight")
+_ENDPOINT_KEYS = ("host", "port", "weight", "patroni")
 _USER_KEYS = ("password", "password_env", "max_client_connections")
 _RULE_KEYS = ("method", "database", "user", "address")
 _ADMIN_KEYS = ("users", "http")
@@ -728,7 +732,8 @@ def _endpoint(ck: _Checker, path: str, value: object) -> Endpoint | None:
     if not isinstance(value, Mapping):
         ck.error(
             path,
-            f'must be "host:port" or a mapping {{host, port, weight}}, got {_type_name(value)}',
+            'must be "host:port" or a mapping {host, port, weight, patroni}, '
+            f"got {_type_name(value)}",
         )
         return None
     data = ck.mapping(path, value, _ENDPOINT_KEYS)
@@ -747,9 +752,31 @@ def _endpoint(ck: _Checker, path: str, value: object) -> Endpoint | None:
         _join(path, "port"), data.get("port", _MISSING), DEFAULT_SERVER_PORT, 1, 65535
     )
     weight = ck.integer(_join(path, "weight"), data.get("weight", _MISSING), 1, 1, 1000)
+    patroni = data.get("patroni")
+    if patroni is not None:
+        try:
+            patroni = _patroni_url(patroni)
+        except ValueError as exc:
+            ck.error(_join(path, "patroni"), str(exc))
     if not ok or len(ck.errors) != errors_before:
         return None
-    return Endpoint(str(host), port, weight)
+    return Endpoint(str(host), port, weight, patroni)
+
+
+def _patroni_url(value: object) -> str:
+    """``http://host[:port][/]`` -> ``http://host:port`` (Patroni's default port 8008)."""
+    if not isinstance(value, str):
+        raise ValueError(f'must be a URL like "http://10.0.0.1:8008", got {_type_name(value)}')
+    parts = urlsplit(value.strip())
+    if parts.scheme != "http":
+        raise ValueError(f"must be an http:// URL of the member's Patroni REST API (got {value!r})")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"must be http://host:port only, without path or credentials ({value!r})")
+    try:
+        host, port = _split_host_port(parts.netloc, DEFAULT_PATRONI_PORT)
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({value!r})") from None
+    return f"http://{format_address(host, port)}"
 
 
 def _replica_lag(value: object) -> tuple[int | None, float | None] | None:
@@ -897,6 +924,13 @@ def _database(ck: _Checker, path: str, name: str, value: object, top: Config) ->
                 continue
             seen[key] = f"{listed}[{at}]"
             replicas.append(endpoint)
+        named = [e for e in (primary, *replicas) if e is not None and e.patroni]
+        if named and len(named) != len(seen):
+            ck.error(
+                _join(path, listed),
+                "patroni: name the Patroni REST API of every member or of none (Patroni "
+                "decides the leader only among members it knows)",
+            )
 
     pool_mode = ck.choice(
         _join(path, "pool_mode"), data.get("pool_mode", _MISSING), top.pool_mode, POOL_MODES

@@ -15,6 +15,7 @@ import structlog
 
 from pools.hold import HoldingPool, HoldStats
 from pools.monitor import BackendMonitor
+from pools.patroni import PatroniCluster, PatroniWatcher
 from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import send_cancel
 from protocol import errors as e
@@ -58,6 +59,8 @@ class Proxy:
         self.listener_labels: list[Label] = []  # the topology address of each listener
         self.http: asyncio.Server | None = None
         self.monitors: dict[tuple[str, int], BackendMonitor] = {}  # by backend address
+        self.patroni_watchers: dict[str, PatroniWatcher] = {}  # by REST API URL
+        self.patroni: dict[str, PatroniCluster] = {}  # databases whose leader Patroni decides
         self.routers: dict[str, Router] = {}  # databases whose reads may go to replicas
         # Where each database's writes go now: its configured primary until a monitor shows
         # another backend promoted. `holds` has the databases without a usable primary (down,
@@ -168,6 +171,8 @@ class Proxy:
             self._janitor.cancel()
         for monitor in self.monitors.values():
             monitor.stop()
+        for watcher in self.patroni_watchers.values():
+            watcher.stop()
         for router in self.routers.values():
             router.stop()
         await asyncio.sleep(0)  # let transports flush their last writes
@@ -209,6 +214,39 @@ class Proxy:
             monitor.fall, monitor.rise = c.health_check_fall, c.health_check_rise
         for database in c.databases.values():
             self._set_upstream(database)
+        for watcher in self._watch_patroni():
+            watcher.start()
+
+    def _watch_patroni(self) -> list[PatroniWatcher]:
+        """Databases whose members name their Patroni REST API: Patroni decides their leader.
+        On a reload, the watchers of APIs still named are kept, with what they saw; the new
+        ones are returned, to be started."""
+        c = self.config
+        clusters: dict[str, PatroniCluster] = {}
+        new: list[PatroniWatcher] = []
+        for database in c.databases.values():
+            members: dict[tuple[str, int], PatroniWatcher] = {}
+            for endpoint in database.backends:
+                if endpoint.patroni is None:
+                    continue
+                watcher = self.patroni_watchers.get(endpoint.patroni)
+                if watcher is None:
+                    watcher = PatroniWatcher(endpoint.patroni)
+                    watcher.listeners.append(self._patroni_changed)
+                    self.patroni_watchers[endpoint.patroni] = watcher
+                    new.append(watcher)
+                watcher.interval, watcher.timeout = c.health_check_interval, c.health_check_timeout
+                members[(endpoint.host, endpoint.port)] = watcher
+            if members:
+                known = self.patroni.get(database.name)
+                if known is None or known.members != members:
+                    known = PatroniCluster(database.name, members)
+                clusters[database.name] = known
+        named = {w.url for cluster in clusters.values() for w in cluster.members.values()}
+        for url in [u for u in self.patroni_watchers if u not in named]:
+            self.patroni_watchers.pop(url).stop()
+        self.patroni = clusters
+        return new
 
     # ---- health and failover ------------------------------------------------------------------
 
@@ -261,14 +299,24 @@ class Proxy:
             if any((b.host, b.port) == address for b in database.backends):
                 self._resolve_primary(database)
 
+    def _patroni_changed(self, watcher: PatroniWatcher) -> None:
+        for name, patroni in self.patroni.items():
+            if watcher in patroni.members.values():
+                self._resolve_primary(self.config.databases[name])
+
     def _resolve_primary(self, database: Database) -> None:
-        """Exactly one backend up and out of recovery: it is the primary. Two or more: fence
-        the database (writes held, then refused) until one remains. None while the current
-        primary is known to be down or in recovery: hold its writes until one appears."""
+        """Exactly one backend up and out of recovery (and, with Patroni, holding the leader
+        lock): it is the primary. Two or more: fence the database (writes held, then refused)
+        until one remains. None while the current primary is known to be down or in recovery:
+        hold its writes until one appears."""
+        patroni = self.patroni.get(database.name)
+        leaders = None if patroni is None else patroni.leaders()
         claims = []
         for endpoint in database.backends:
-            monitor = self.monitors.get((endpoint.host, endpoint.port))
-            if monitor is not None and monitor.up and monitor.in_recovery is False:
+            address = (endpoint.host, endpoint.port)
+            monitor = self.monitors.get(address)
+            writable = monitor is not None and monitor.up and monitor.in_recovery is False
+            if writable and (leaders is None or address in leaders):
                 claims.append(endpoint)
         name = database.name
         old = self.primary_endpoint(database)
@@ -301,7 +349,13 @@ class Proxy:
         if new != old:
             self.primaries[name] = new
             self.failovers[name] = self.failovers.get(name, 0) + 1
-            log.warning("primary changed", database=name, old=old.address, new=new.address)
+            log.warning(
+                "primary changed",
+                database=name,
+                old=old.address,
+                new=new.address,
+                by="pg_is_in_recovery" if leaders is None else "patroni",
+            )
             self._set_upstream(database)
         elif hold is not None and hold.fenced:
             log.warning("one primary again: writes accepted", database=name, primary=new.address)

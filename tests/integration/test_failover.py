@@ -4,6 +4,7 @@ connections; a replica promoted while the primary lives fences the database's wr
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,9 @@ from tests.support import (
     deep_merge,
     free_port,
     start_proxy,
+    wait_for,
 )
+from tests.write_load import WriteLoad, wait_writable
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -154,3 +157,53 @@ def test_two_primaries_refuse_writes(own_cluster: LocalCluster, proxy: ProxyProc
         wait_for_write(conn, f"INSERT INTO {table} VALUES (2)", timeout=10)
         assert not in_recovery(conn)
     assert new.sql(f"SELECT count(*) FROM {table} WHERE id = 2", dbname="appdb") == "1"
+
+
+def test_writes_resume_after_a_promotion_under_load(
+    own_cluster: LocalCluster, proxy: ProxyProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The primary is killed under a steady write load and the synchronous standby promoted:
+    how long writes stop through pgrouter, and no acknowledged write lost."""
+    old, new = own_cluster.primary, own_cluster.replicas[0]
+    # Synchronous replication: every acknowledged commit is on the standby that is promoted.
+    old.set_config("synchronous_commit", "on")
+    old.set_config("synchronous_standby_names", new.name)
+    deadline = time.monotonic() + 10
+    while old.sql("SELECT sync_state FROM pg_stat_replication") != "sync":
+        assert time.monotonic() < deadline, "the standby did not become synchronous"
+        time.sleep(0.05)
+    table = f"load_{uuid.uuid4().hex[:8]}"
+    with connect(proxy) as conn:
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, retries int NOT NULL DEFAULT 0)")
+    wait_monitored(proxy)
+
+    load = WriteLoad(proxy.dsn(), table).start()
+    try:
+        load.wait_acks(100)
+        killed = time.monotonic()
+        old.kill()
+        promotion = threading.Thread(target=new.promote)
+        promotion.start()
+        promoted, _ = wait_writable(
+            [(new.host, new.port)], lambda host, port: new.dsn(), timeout=30
+        )
+        promotion.join()
+        wait_for(lambda: load.first_ack(killed, new.port) is not None, timeout=30)
+        load.wait_acks(100)
+    finally:
+        load.stop()
+    first = load.first_ack(killed, new.port)
+    assert first is not None
+    kill_to_write, promote_to_write = first.at - killed, first.at - promoted
+    with capsys.disabled():
+        print(
+            f"\n[pg_ctl promote failover] primary killed; writes through pgrouter resumed "
+            f"{kill_to_write:.2f}s after the kill, {promote_to_write:.3f}s after the promoted "
+            f"replica accepted writes; {len(load.acks)} writes acknowledged, "
+            f"{len(load.errors)} failed attempts retried"
+        )
+    assert promote_to_write < 3.0, f"writes resumed {promote_to_write:.2f}s after the promotion"
+
+    present = set(map(int, new.sql(f"SELECT id FROM {table}", dbname="appdb").split()))
+    lost = sorted({a.id for a in load.acks} - present)
+    assert not lost, f"{len(lost)} acknowledged writes lost: {lost[:20]}"

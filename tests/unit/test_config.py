@@ -97,7 +97,7 @@ def test_full_example_parses() -> None:
         AuthRule("scram-sha-256", index=3),
     )
 
-    assert list(config.databases) == ["appdb", "billing", "appdb_session"]
+    assert list(config.databases) == ["appdb", "billing", "appdb_session", "orders"]
     appdb = config.databases["appdb"]
     assert appdb.primary == Endpoint("10.0.0.1", 5432)
     assert appdb.replicas == (Endpoint("10.0.0.2"), Endpoint("10.0.0.3", 5432, 2))
@@ -116,6 +116,9 @@ def test_full_example_parses() -> None:
         max_replica_lag_bytes=None,
         max_replica_lag_seconds=10.0,
     )
+    orders = config.databases["orders"]
+    assert orders.primary == Endpoint("10.0.1.1", 5432, 1, "http://10.0.1.1:8008")
+    assert [e.patroni for e in orders.replicas] == ["http://10.0.1.2:8008", "http://10.0.1.3:8008"]
 
 
 def test_full_example_states_the_defaults() -> None:
@@ -1437,4 +1440,57 @@ def test_every_worker_needs_a_server_connection_of_each_pool() -> None:
     assert errors == [
         "databases.appdb.pool_size: 2 is less than workers (3): each worker needs at least "
         "one server connection of every pool"
+    ]
+
+
+def test_patroni_members() -> None:
+    """A member may name its Patroni REST API; the URL is normalized (default port 8008)."""
+    data = config_with()
+    data["databases"] = {
+        "appdb": {
+            "hosts": [
+                {"host": "10.0.0.1", "patroni": "http://10.0.0.1:8008/"},
+                {"host": "10.0.0.2", "port": 5433, "weight": 2, "patroni": "http://pg2"},
+                {"host": "::1", "patroni": "http://[::1]:9000"},
+            ]
+        },
+        "otherdb": {"primary": "a", "replicas": [{"host": "b"}]},
+    }
+    config = parse_config(data)
+    assert config.databases["appdb"].backends == (
+        Endpoint("10.0.0.1", 5432, 1, "http://10.0.0.1:8008"),
+        Endpoint("10.0.0.2", 5433, 2, "http://pg2:8008"),
+        Endpoint("::1", 5432, 1, "http://[::1]:9000"),
+    )
+    assert all(e.patroni is None for e in config.databases["otherdb"].backends)
+
+
+@pytest.mark.parametrize(
+    ("patroni", "message"),
+    [
+        ("https://a:8008", "must be an http:// URL of the member's Patroni REST API"),
+        ("a:8008", "must be an http:// URL of the member's Patroni REST API"),
+        ("http://a:8008/primary", "must be http://host:port only, without path or credentials"),
+        ("http://u:p@a:8008", "must be http://host:port only, without path or credentials"),
+        ("http://a:0", "port must be 1..65535"),
+        ("http://", "host must be a non-empty name or address"),
+        (8008, 'must be a URL like "http://10.0.0.1:8008", got integer'),
+    ],
+)
+def test_patroni_errors(patroni: object, message: str) -> None:
+    data = config_with()
+    data["databases"] = {"appdb": {"hosts": [{"host": "a", "patroni": patroni}]}}
+    errors = errors_of(data)
+    assert len(errors) == 1 and errors[0].startswith("databases.appdb.hosts[0].patroni: ")
+    assert message in errors[0], errors
+
+
+def test_patroni_for_every_member_or_none() -> None:
+    data = config_with()
+    data["databases"] = {
+        "appdb": {"primary": {"host": "a", "patroni": "http://a"}, "replicas": ["b"]}
+    }
+    assert errors_of(data) == [
+        "databases.appdb.replicas: patroni: name the Patroni REST API of every member or of "
+        "none (Patroni decides the leader only among members it knows)"
     ]
