@@ -50,13 +50,16 @@ class HoldingPool(Pool):
         self.timeout = timeout
         self.reason = reason
         self.fenced = fenced  # two backends claim to be primary (else: none usable)
+        # Logins without known server parameters wait too: the primary's backend is up but in
+        # recovery, as the first of `hosts:` may be while the monitors look for the primary.
+        self.logins_wait = False
         self.stats = stats
         self._timer: asyncio.TimerHandle | None = None
 
     def acquire(self, waiter: Waiter) -> None:
         """Queue `waiter`; refuse at once when closed, with a zero timeout, or for a login
-        that needs server parameters nobody has seen yet (logins do not wait for a failover)."""
-        if self.closed or self.timeout <= 0 or self.parameters is None:
+        that needs server parameters nobody has seen yet, unless `logins_wait`."""
+        if self.closed or self.timeout <= 0 or (self.parameters is None and not self.logins_wait):
             waiter.server_unavailable(CONNECTION_FAILURE, self.reason)
             return None
         self.stats.waited += 1

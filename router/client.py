@@ -724,14 +724,20 @@ class ClientSession(asyncio.Protocol):
             if self.router is not None:
                 self.reader = self.router.reader_for(self.user, self.peer_host)
         self.key = self.proxy.register_cancel_key(self)
-        if self.pool.parameters is not None:
+        self._welcome_from(self.pool)
+
+    def _welcome_from(self, pool: Pool) -> None:
+        """Welcome the client with `pool`'s server parameters, once a first server login of
+        that pool has brought them."""
+        self.pool = pool
+        if pool.parameters is not None:
             self._welcome()
-        else:  # the first login of this pool: its welcome parameters come from a server
-            self.waiting = True
-            first = self._waiter = _FirstLogin(self)
-            server = self.pool.acquire(first)
-            if server is not None:
-                first.server_assigned(server)
+            return
+        self.waiting = True
+        first = self._waiter = _FirstLogin(self)
+        server = pool.acquire(first)
+        if server is not None:
+            first.server_assigned(server)
 
     def _welcome(self) -> None:
         assert self.pool is not None and self.pool.parameters is not None
@@ -1064,15 +1070,17 @@ class ClientSession(asyncio.Protocol):
         claim to be primary): later transactions use `pool`, and one queued for the old
         primary moves over."""
         old, self.primary_pool = self.primary_pool, pool
-        if (
-            old is not None
-            and self.waiting
-            and self.pool is old
-            and self._waiter is self
-            and self.state is State.READY
-        ):
+        if old is None or not self.waiting or self.pool is not old:
+            return
+        waiter = self._waiter
+        if waiter is self and self.state is State.READY:
             old.cancel_wait(self)
             self._acquire(pool, None)
+        elif isinstance(waiter, _FirstLogin):  # logging in while pgrouter finds the primary
+            old.cancel_wait(waiter)
+            self.waiting = False
+            self._waiter = self
+            self._welcome_from(pool)
 
     def reconfigured(self, database: Database, router: Router | None, primary: Pool) -> None:
         """A reload changed this client's database: its next transaction follows the new

@@ -336,7 +336,9 @@ class Proxy:
                 return  # not known to be down: keep it (its own errors tell the clients)
             state = f"is down ({monitor.error})" if not monitor.up else "is in recovery"
             reason = f'database "{name}" has no primary: {old.address} {state}'
-            if not self._hold(database, reason):
+            # Logins that need a first server's parameters wait only for a backend that is up
+            # (at start the first of `hosts:` may be a replica); a down one refuses them at once.
+            if not self._hold(database, reason, logins_wait=bool(monitor.up)):
                 log.warning(
                     "no primary: writes wait",
                     database=name,
@@ -370,14 +372,16 @@ class Proxy:
                 if key.database == name and (key.host, key.port) == (old.host, old.port):
                     pool.close()  # idle servers now, busy ones when their transaction ends
 
-    def _hold(self, database: Database, reason: str, *, fenced: bool = False) -> bool:
+    def _hold(
+        self, database: Database, reason: str, *, fenced: bool = False, logins_wait: bool = False
+    ) -> bool:
         """Primary-bound transactions of `database` wait in a hold from now on; False when
         this starts the hold or changes its kind (the caller logs it)."""
         name = database.name
         hold = self.holds.get(name)
         if hold is not None:
             unchanged = hold.fenced == fenced
-            hold.reason, hold.fenced = reason, fenced
+            hold.reason, hold.fenced, hold.logins_wait = reason, fenced, logins_wait
             hold.timeout = database.failover_timeout  # a reload may have changed it
             return unchanged
         stats = self.hold_stats.setdefault(name, HoldStats())
@@ -390,6 +394,7 @@ class Proxy:
             stats=stats,
             fenced=fenced,
         )
+        hold.logins_wait = logins_wait
         hold.parameters = next(  # new clients can still log in and read
             (p.parameters for k, p in self.pools.items() if k.database == name and p.parameters),
             None,

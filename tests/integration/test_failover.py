@@ -47,7 +47,8 @@ def own_cluster() -> Iterator[LocalCluster]:
 def proxy(own_cluster: LocalCluster, tmp_path: Path) -> Iterator[ProxyProcess]:
     topology = base_topology(own_cluster, free_port())
     topology["databases"] = {"appdb": topology["databases"]["appdb"]}
-    topology = deep_merge(topology, {"admin": {"users": [APP_USER]}})
+    # Writes refused during a split brain wait failover_timeout first: keep it short here.
+    topology = deep_merge(topology, {"admin": {"users": [APP_USER]}, "failover_timeout": "1s"})
     proxy = start_proxy(topology, tmp_path, name="failover")
     yield proxy
     proxy.stop()

@@ -14,6 +14,7 @@ from pools.monitor import BackendMonitor, fails_at_once, format_lsn
 from pools.pool import Pool, PoolKey, PoolSettings
 from pools.server import ServerConnection
 from protocol.auth import LoginError
+from router.client import State, _FirstLogin
 from router.config import parse_config
 from router.proxy import Proxy
 from router.routing import Reader, Router
@@ -431,9 +432,18 @@ def test_zero_failover_timeout_and_logins_are_refused_at_once(proxy: Proxy) -> N
     waiter = Answers()
     zero.acquire(waiter)
     assert [r[:2] for r in waiter.refusals] == [("08006", "no primary")]
+
     zero.timeout, zero.parameters = 10, None  # a login: no server parameters known yet
     zero.acquire(waiter)
     assert len(waiter.refusals) == 2 and not zero.waiters
+
+    async def login() -> None:  # unless the primary's backend is up, only in recovery
+        zero.logins_wait = True
+        zero.acquire(waiter)
+        assert len(waiter.refusals) == 2 and list(zero.waiters) == [waiter]
+        zero.close()
+
+    asyncio.run(login())
 
 
 def test_split_brain_holds_like_a_missing_primary(proxy: Proxy) -> None:
@@ -466,3 +476,30 @@ def test_pool_reports_a_refused_backend() -> None:
 
     told = asyncio.run(scenario())
     assert len(told) == 1 and told[0][2] is not None and "cannot connect" in told[0][2]
+
+
+def test_a_login_waiting_for_its_first_server_follows_the_primary(proxy: Proxy) -> None:
+    """A client logging in while pgrouter still looks for the primary (the first listed backend
+    is not it) waits for the first server's parameters; that wait moves with the primary (and
+    through the hold while none is known) instead of failing when the old pool closes."""
+
+    async def scenario() -> None:
+        db = proxy.config.databases["appdb"]
+        client = add_client(proxy, database="appdb", state=State.WELCOME)
+        client.key = (1, 2)
+        old_pool = proxy.pool_for(db, "app")
+        client.pool = client.primary_pool = old_pool
+        client.waiting = True
+        client._waiter = _FirstLogin(client)
+        old_pool.waiters.append(client._waiter)  # queued: nothing answered yet
+        good(proxy.monitors[P], recovery=True, lsn=100)  # no primary known: a hold
+        assert client.state is State.WELCOME and client.pool is proxy.holds["appdb"]
+        new_pool = proxy.pool_for(db, "app", db.replicas[0])
+        new_pool.parameters = {"server_version": "15.0"}  # its first login is done
+        good(proxy.monitors[R1], recovery=False, lsn=100)  # the primary: the second backend
+        assert old_pool.closed and not old_pool.waiters
+        assert client.state is State.READY and client.pool is new_pool and not client.waiting
+        written = b"".join(client.transport.written)  # type: ignore[attr-defined]
+        assert b"server_version\x0015.0\x00" in written
+
+    asyncio.run(scenario())
