@@ -359,6 +359,19 @@ def _peer(client: Any) -> str:
         return ""
 
 
+def _tls(obj: Any) -> str:
+    """PgBouncer's tls column: protocol/cipher of an encrypted connection, else empty."""
+    transport = getattr(obj, "transport", None)
+    try:
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    except Exception:  # a closed transport may refuse
+        return ""
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()}/{cipher[0]}" if cipher else str(ssl_object.version() or "")
+
+
 def _sockname(obj: Any) -> tuple[str | None, str | None]:
     transport = getattr(obj, "transport", None)
     if transport is None:
@@ -672,7 +685,7 @@ class AdminConsole:
                 ["C", client.user or "(nouser)", database, "none", shown, addr, port,
                  local_addr, local_port, connected, connected,
                  wait_us // 1_000_000, wait_us % 1_000_000, 0, _ptr(client),
-                 _ptr(server) if server is not None else "", 0, "",
+                 _ptr(server) if server is not None else "", 0, _tls(client),
                  settings.get("application_name", ""), 0, id(client)]
             )  # fmt: skip
         return _rows(SOCKET_COLUMNS, rows)
@@ -691,7 +704,8 @@ class AdminConsole:
                      local_addr, local_port, _wall(server.created, now_mono, now_wall),
                      _wall(server.last_used, now_mono, now_wall), 0, 0,
                      1 if getattr(server, "retired", False) else 0, _ptr(server),
-                     _ptr(client) if client is not None else "", server.backend_key[0], "",
+                     _ptr(client) if client is not None else "", server.backend_key[0],
+                     _tls(server),
                      server.parameters.get("application_name", ""), 0, id(server)]
                 )  # fmt: skip
         return _rows(SOCKET_COLUMNS, rows)

@@ -158,13 +158,23 @@ def test_require_refuses_a_client_without_tls(proxy_factory: ProxyFactory, certs
 
 
 def test_allow_accepts_both(proxy_factory: ProxyFactory, certs: Certs) -> None:
-    proxy = proxy_factory(client_tls(certs, "allow"))
-    with connect(proxy, sslmode="disable") as conn:
-        assert not conn.pgconn.ssl_in_use
-        assert conn.execute("SELECT 1").fetchone() == (1,)
-    with connect(proxy, sslmode="require") as conn:
-        assert conn.pgconn.ssl_in_use
-        assert conn.execute("SELECT 1").fetchone() == (1,)
+    """Both kinds of client, and SHOW CLIENTS tells them apart in its tls column."""
+    proxy = proxy_factory({**client_tls(certs, "allow"), "admin": {"users": [APP_USER]}})
+    with connect(proxy, sslmode="disable") as plain, connect(proxy, sslmode="require") as tls:
+        assert not plain.pgconn.ssl_in_use and tls.pgconn.ssl_in_use
+        assert plain.execute("SELECT 1").fetchone() == tls.execute("SELECT 1").fetchone() == (1,)
+        with connect(proxy, dbname="pgrouter", sslmode="disable") as admin:
+            cur = admin.execute("SHOW CLIENTS")
+            names = [c.name for c in cur.description or []]
+            shown = {str(row[names.index("port")]): row[names.index("tls")] for row in cur}
+        assert shown[local_port(plain)] == "", shown
+        assert shown[local_port(tls)].startswith("TLSv1."), shown
+
+
+def local_port(conn: psycopg.Connection[Any]) -> str:
+    """The client side's port of a connection: SHOW CLIENTS's port column."""
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        return str(sock.getsockname()[1])
 
 
 def test_disable_answers_no(proxy_factory: ProxyFactory) -> None:

@@ -207,6 +207,16 @@ class FakeTransport:
         pass
 
 
+class FakeTLS:
+    """What the tls column reads of an ssl.SSLObject."""
+
+    def version(self) -> str:
+        return "TLSv1.3"
+
+    def cipher(self) -> tuple[str, str, int]:
+        return ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)
+
+
 @dataclass(eq=False)
 class FakeServer:
     """The attributes of pools.server.ServerConnection the console reads."""
@@ -417,6 +427,7 @@ def test_show_clients(proxy: Proxy) -> None:
     server = FakeServer("10.0.0.1", 5432, (4242, 7))
     link(active, server)
     idle = add_client(proxy, user="report", database="sessions", port=1002)
+    idle.transport._extra["ssl_object"] = FakeTLS()  # type: ignore[attr-defined]
     waiting = add_client(proxy, port=1003)
     wait(waiting, 3.25)
     login = add_client(proxy, state=State.AUTH, port=1004)
@@ -434,6 +445,7 @@ def test_show_clients(proxy: Proxy) -> None:
     assert a["link"] == f"0x{id(server):x}"
     assert a["id"] == str(id(active))
     assert a["tls"] == ""
+    assert rows["1002"]["tls"] == "TLSv1.3/TLS_AES_256_GCM_SHA384"
     assert a["connect_time"] is not None and a["connect_time"].endswith(" UTC")
     assert a["wait"] == a["wait_us"] == "0"
     assert (rows["1002"]["state"], rows["1002"]["database"]) == ("idle", "sessions")
