@@ -106,9 +106,11 @@ _DESCRIBE_PORTAL = b"D\x00\x00\x00\x06P\x00"  # the unnamed portal's row descrip
 
 
 def _ends_at_sync(buf: bytearray) -> bool:
-    """One simple Query, or one extended-protocol batch closed by its Sync."""
-    end = 1 + int.from_bytes(buf[1:5], "big")
-    return (buf[0] == 81 and end == len(buf)) or (buf[0] == 80 and buf.endswith(_SYNC))
+    """One simple Query, or an extended-protocol batch closed by a Sync (the only one when
+    a single reply is pending)."""
+    if buf[0] == 81:
+        return 1 + int.from_bytes(buf[1:5], "big") == len(buf)
+    return buf.endswith(_SYNC)
 
 
 def _statements(buf: bytearray, names: dict[bytes, Statement] | None) -> list[str] | None:
@@ -299,7 +301,7 @@ class ClientSession(asyncio.Protocol):
         self._txn_writes = True  # the transaction went to the primary as a possible write
         self._txn_ddl = False
         self._guard: bytes | None = None  # an autocommit read sent to a replica, for a retry
-        self._guard_sql = ""
+        self._guard_sql = ""  # the SQL of a guarded read on a replica ("" for other guards)
         self._guard_out = bytearray()  # the replica's reply, held until it is not a refusal
         self._guard_retry = False
         self._guard_stale: Statement | None = None  # the statement of a held Bind..Sync
@@ -918,7 +920,7 @@ class ClientSession(asyncio.Protocol):
         assert router is not None and self.primary_pool is not None
         buf = self.buffer
         self._txn_writes = True
-        self._guard = None
+        self._guard, self._guard_sql = None, ""
         self._retried = False
         tracked = self.statements
         statements = _statements(buf, tracked.names if tracked is not None else None)
@@ -966,14 +968,9 @@ class ClientSession(asyncio.Protocol):
         pool = router.read_pool(self.reader, self.user)
         if pool is None:
             return self.primary_pool
-        if (
-            tracked is None
-            and held is None
-            and self.pending == 1
-            and not first.begins
-            and _ends_at_sync(buf)
-        ):
-            self._guard = bytes(buf)  # kept for a retry on the primary if the replica refuses
+        if held is None and self.pending == 1 and not first.begins and _ends_at_sync(buf):
+            # Kept for a retry on the primary if the replica refuses, or elsewhere if it dies.
+            self._guard = bytes(buf)
             self._guard_sql = statements[0]
         return pool
 
@@ -1285,7 +1282,8 @@ class ClientSession(asyncio.Protocol):
         if not self._guard_retry:
             out = self._guard_out
             if not out and (
-                (data[0] == 50 and self._guard_stale is not None)  # BindComplete: not stale
+                # BindComplete: not stale (a replica's read is held on: it may still die)
+                (data[0] == 50 and self._guard_stale is not None and not self._guard_sql)
                 or _refusal(data) == ""  # the usual case: results from the start
             ):
                 self._guard = None
@@ -1293,6 +1291,8 @@ class ClientSession(asyncio.Protocol):
                 return
             out += data
             refusal = _refusal(out)
+            if refusal == STALE_PLAN and self._guard_stale is None:
+                refusal = ""  # no new row description asked for: the client must hear of it
             if refusal is None and not count and len(out) < GUARD_LIMIT:
                 return  # undecided: keep holding
             if refusal in _SHUTDOWN_SQLSTATES:
@@ -1307,8 +1307,9 @@ class ClientSession(asyncio.Protocol):
             if refusal == STALE_PLAN:
                 assert self.statements is not None and self._guard_stale is not None
                 self.statements.renew(self._guard_stale)
-            else:
+            else:  # the statement is fine, the replica was not: the primary runs it
                 assert self.router is not None
+                self._guard_stale = None
                 self.router.misrouted(self._guard_sql, refusal)
         if not count:
             return  # the rest of the refused reply is still coming

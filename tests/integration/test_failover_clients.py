@@ -81,10 +81,11 @@ def start(cluster: LocalCluster, tmp_path: Path, **overrides: Any) -> ProxyProce
     return start_proxy(deep_merge(topology, overrides), tmp_path, name="clients")
 
 
-def connect(proxy: ProxyProcess) -> psycopg.Connection[Any]:
-    # prepare_threshold=None: no named prepared statements, so every read is one that
-    # pgrouter can run again (reads of named statements are not retried, see the docs).
-    return psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10, prepare_threshold=None)
+def connect(proxy: ProxyProcess, prepare_threshold: int | None = None) -> psycopg.Connection[Any]:
+    """prepare_threshold=0: every statement a named prepared statement."""
+    return psycopg.connect(
+        proxy.dsn(), autocommit=True, connect_timeout=10, prepare_threshold=prepare_threshold
+    )
 
 
 def admin(proxy: ProxyProcess, command: str) -> list[tuple[Any, ...]]:
@@ -281,10 +282,14 @@ def test_write_fails_after_failover_timeout_and_reads_go_on(
 # ---- reads whose server dies --------------------------------------------------------------------
 
 
-def test_replica_killed_mid_read_load(healthy: LocalCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prepare_threshold", [None, 0], ids=["unnamed", "prepared"])
+def test_replica_killed_mid_read_load(
+    healthy: LocalCluster, tmp_path: Path, prepare_threshold: int | None
+) -> None:
     """Autocommit reads in flight on a replica that dies run again elsewhere: no client sees
-    an error. Half the readers run a read that takes a while, so some are certainly in flight
-    (their answer not started) when the replica goes."""
+    an error, whether they use the unnamed statement or named prepared statements. Half the
+    readers run a read that takes a while, so some are certainly in flight (their answer not
+    started) when the replica goes."""
     victim = healthy.replicas[0]
     proxy = start(healthy, tmp_path, pool_size=20)
     stop = threading.Event()
@@ -294,7 +299,7 @@ def test_replica_killed_mid_read_load(healthy: LocalCluster, tmp_path: Path) -> 
     def reader(i: int) -> None:
         sql = "SELECT pg_sleep(0.3), 1" if i % 2 else "SELECT 1"
         try:
-            with connect(proxy) as conn:
+            with connect(proxy, prepare_threshold) as conn:
                 while not stop.is_set():
                     try:
                         conn.execute(sql).fetchall()

@@ -948,6 +948,32 @@ def test_misroute_guard_view_hiding_a_writer(
     assert len(logged) == 1, f"{len(logged)} log lines for this fingerprint: {logged}"
 
 
+def test_misroute_guard_with_a_named_prepared_statement(
+    routed_proxy: ProxyProcess, cluster: Any, replica_logs: ReplicaLogs
+) -> None:
+    """The same view through a named prepared statement (psycopg, prepare_threshold=0): each
+    run of the statement that a replica refuses runs again on the primary, which gets the
+    statement prepared first; the user sees only the rows."""
+    sql = f"SELECT n FROM {V} WHERE %s::int = 2"
+    values = []
+    cluster.wait_replicated()
+    with connect(routed_proxy, prepare_threshold=0) as conn:
+        for _ in range(5):
+            try:
+                row = conn.execute(sql, (2,)).fetchone()
+            except psycopg.Error as exc:
+                pytest.fail(
+                    f"{sql!r} (prepared, after {values}) failed: {exc.sqlstate} {exc}"
+                    f"\n--- proxy log:\n{log_tail(routed_proxy)}",
+                    pytrace=False,
+                )
+            assert row is not None
+            values.append(row[0])
+    assert values == sorted(set(values)), f"nextval values not increasing: {values}"
+    if replica_logs.available:
+        assert replica_logs.write_errors(), "the view never reached a replica: guard not exercised"
+
+
 def test_mixed_workload_never_writes_on_a_replica(
     routed_proxy: ProxyProcess, replica_logs: ReplicaLogs
 ) -> None:

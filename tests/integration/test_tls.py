@@ -216,16 +216,21 @@ def test_data_stuffed_after_ssl_request_is_refused(
 def test_cancel_over_tls(proxy_factory: ProxyFactory, certs: Certs) -> None:
     proxy = proxy_factory(client_tls(certs, "require"))
     with connect(proxy, sslmode="require") as conn:
-        timer = threading.Timer(0.5, conn.cancel_safe)  # a cancel connection that uses TLS
-        timer.start()
-        started = time.monotonic()
-        try:
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                conn.execute("SELECT pg_sleep(20)")
-        finally:
-            timer.cancel()
-        assert time.monotonic() - started < 10
+        cancel_a_sleep(conn)  # the cancel connection uses TLS
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def cancel_a_sleep(conn: psycopg.Connection[Any]) -> None:
+    """A running pg_sleep cancelled through a second connection made like `conn`."""
+    timer = threading.Timer(0.5, conn.cancel_safe)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(20)")
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 10
 
 
 def test_reload_serves_the_new_certificate(
@@ -329,15 +334,7 @@ def test_libpq_sslnegotiation_direct(proxy_factory: ProxyFactory, certs: Certs) 
     with connect(proxy, **opts) as conn:
         assert conn.pgconn.ssl_in_use
         assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
-        timer = threading.Timer(0.5, conn.cancel_safe)  # the cancel goes over direct TLS too
-        timer.start()
-        started = time.monotonic()
-        try:
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                conn.execute("SELECT pg_sleep(20)")
-        finally:
-            timer.cancel()
-        assert time.monotonic() - started < 10
+        cancel_a_sleep(conn)  # the cancel goes over direct TLS too
         assert conn.execute("SELECT 'after'").fetchone() == ("after",)
 
 
