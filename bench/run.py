@@ -96,6 +96,7 @@ ENDPOINT_KINDS = {
     "pgrouter-routed": "pgrouter",  # 2 replicas; the bench database twice, routing off and on
     "pgrouter-scram": "pgrouter",  # auth_type scram-sha-256
     "pgbouncer-scram": "pgbouncer",  # auth_type = scram-sha-256
+    "pgrouter-workers": "pgrouter",  # workers: 2
 }
 STANDARD = tuple(Column(t, t) for t in TARGETS)
 ROUTED = (
@@ -103,6 +104,7 @@ ROUTED = (
     Column("routing-on", "pgrouter-routed", dbname=ROUTING_ON_DB, count_routes=True),
 )
 SCRAPED = (Column("pgrouter", "pgrouter"), Column("scraped", "pgrouter", scrape=True))
+WORKERS = (Column("workers-1", "pgrouter"), Column("workers-2", "pgrouter-workers"))
 SCRAM = (
     Column("pgrouter", "pgrouter-scram", user=SCRAM_USER),
     Column("pgbouncer", "pgbouncer-scram", user=SCRAM_USER),
@@ -132,6 +134,7 @@ S_C10 = ("-S", "-c", "10", "-j", "2")
 S_C100 = ("-S", "-c", "100", "-j", "2")
 ROUTED_WHAT = "one pgrouter, 2 replicas, reads: primary vs replicas"
 SCRAPED_WHAT = "pgrouter alone, then with /metrics scraped every second"
+WORKERS_WHAT = "pgrouter with one process, then with workers: 2 (CPU of all its processes)"
 WORKLOADS = (
     Workload("select-c10", S_C10),
     Workload("select-c100", S_C100),
@@ -171,6 +174,23 @@ WORKLOADS = (
         default=False,
         interleave=True,
         what=SCRAPED_WHAT,
+    ),
+    Workload(
+        "workers-select-c100",
+        S_C100,
+        columns=WORKERS,
+        compare=("workers-2", "workers-1"),
+        interleave=True,
+        what=WORKERS_WHAT,
+    ),
+    Workload(
+        "workers-select-connect",
+        ("-S", "-C", "-c", "10", "-j", "2"),
+        columns=WORKERS,
+        compare=("workers-2", "workers-1"),
+        default=False,
+        interleave=True,
+        what=WORKERS_WHAT,
     ),
     Workload(
         "scram-connect",
@@ -445,6 +465,8 @@ def pgrouter_variant(
             users={SCRAM_USER: {"password": args.scram_verifier}},
         )
     databases = {BENCH_DB: bench_database(cluster, args.replicas)}
+    if name == "pgrouter-workers":  # the pool split between the two: the same server budget
+        return pgrouter_config(port, http_port, args.pool_size, databases, workers=2)
     return pgrouter_config(port, http_port, args.pool_size, databases)
 
 

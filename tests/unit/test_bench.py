@@ -45,6 +45,7 @@ def test_default_run_has_every_issue_run_but_the_c10_variants(bench: ModuleType)
     args = bench.parse_args([])
     assert "routed-select-c100" in args.only and "scraped-select-c100" in args.only
     assert "scram-connect" in args.only and args.classifier
+    assert "workers-select-c100" in args.only and "workers-select-connect" not in args.only
     assert "routed-select-c10" not in args.only and "scraped-select-c10" not in args.only
     every = bench.parse_args(["--all"]).only
     assert {w.name for w in bench.WORKLOADS} | {"classifier"} == set(every)
@@ -81,6 +82,9 @@ def test_pgrouter_topologies_are_valid_and_differ_only_where_meant(bench: Module
     assert off["dbname"] == on["dbname"] == "bench"
     assert off["replicas"] == on["replicas"] == ["127.0.0.1:5433", "127.0.0.1:5434"]
     assert (off["routing"]["reads"], on["routing"]["reads"]) == ("primary", "replicas")
+    workers = _topology(bench, "pgrouter-workers")
+    assert workers["workers"] == 2 and workers["databases"] == main["databases"]
+    assert "workers" not in main
     scram = _topology(bench, "pgrouter-scram")
     assert scram["auth_type"] == "scram-sha-256"
     assert scram["users"]["bench_scram"]["password"].startswith("SCRAM-SHA-256$4096:")
