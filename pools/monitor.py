@@ -108,7 +108,8 @@ class BackendMonitor:
         # (monotonic time, position) the upstream was seen at, beyond this replica's replay
         self._targets: deque[tuple[float, int]] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()  # check now instead of at the end of the interval
+        self._woken = False  # check now instead of at the end of the interval
+        self._sleep: asyncio.Future[None] | None = None  # the pause between two checks
         self._suspect = False  # a pool connection broke: the next failed check counts at once
 
     @property
@@ -133,7 +134,7 @@ class BackendMonitor:
         conn: ServerConnection | None = None
         try:
             while True:
-                self._wake.clear()
+                self._woken = False
                 suspect, self._suspect = self._suspect, False
                 try:
                     if suspect and conn is not None:  # a new login is what a shutdown refuses
@@ -162,10 +163,8 @@ class BackendMonitor:
                     self.failed(
                         _describe(exc), at_once=suspect or fails_at_once(exc), refused=refused
                     )
-                if not self._wake.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.interval):
-                            await self._wake.wait()
+                if not self._woken:
+                    await self._pause()
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -222,13 +221,27 @@ class BackendMonitor:
             log.warning("backend state", backend=self.address, state="down", error=error)
             self._notify()
 
+    async def _pause(self) -> None:
+        """`interval`, or less when woken: a timer and a future, nothing cancelled (a timeout
+        around an Event raises and catches an exception every time, ten times a second)."""
+        loop = asyncio.get_running_loop()
+        sleep = self._sleep = loop.create_future()
+        timer = loop.call_later(self.interval, _finish, sleep)
+        try:
+            await sleep
+        finally:
+            timer.cancel()
+            self._sleep = None
+
     def suspect(self) -> None:
         """A pool connection to this backend broke (a FATAL such as 57P01, or the socket
         closed): check now, and if that check fails the backend is down at once. A server
         shutting down refuses the check (57P03, or no listener); one session ended by
         pg_terminate_backend does not take a healthy server down."""
         self._suspect = True
-        self._wake.set()
+        self._woken = True
+        if self._sleep is not None:
+            _finish(self._sleep)
 
     def _notify(self) -> None:
         for listener in self.listeners:
@@ -256,6 +269,11 @@ class BackendMonitor:
         while targets and targets[0][1] <= lsn:
             targets.popleft()
         self.time_lag = max(now - targets[0][0], 0.0) if targets else 0.0
+
+
+def _finish(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _describe(exc: BaseException) -> str:
