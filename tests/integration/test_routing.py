@@ -926,19 +926,10 @@ def test_misroute_guard_view_hiding_a_writer(
     for _ in range(4):
         cluster.wait_replicated()
         with connect(routed_proxy) as conn:
-            try:
-                row = conn.execute(sql, params).fetchone()
-            except psycopg.Error as exc:
-                pytest.fail(
-                    f"{sql!r} ({protocol} protocol, after {values}) failed: "
-                    f"{exc.sqlstate} {exc}\n--- proxy log:\n{log_tail(routed_proxy)}",
-                    pytrace=False,
-                )
-        assert row is not None
-        values.append(row[0])
-    assert values == sorted(set(values)), f"nextval values not increasing: {values}"
-    if replica_logs.available:
-        assert replica_logs.write_errors(), "the view never reached a replica: guard not exercised"
+            values.append(
+                _view_value(routed_proxy, conn, sql, params, f"{protocol}, after {values}")
+            )
+    _check_view_values(values, replica_logs)
     # Logged once per fingerprint, not once per retry.
     logged = [
         line
@@ -959,16 +950,27 @@ def test_misroute_guard_with_a_named_prepared_statement(
     cluster.wait_replicated()
     with connect(routed_proxy, prepare_threshold=0) as conn:
         for _ in range(5):
-            try:
-                row = conn.execute(sql, (2,)).fetchone()
-            except psycopg.Error as exc:
-                pytest.fail(
-                    f"{sql!r} (prepared, after {values}) failed: {exc.sqlstate} {exc}"
-                    f"\n--- proxy log:\n{log_tail(routed_proxy)}",
-                    pytrace=False,
-                )
-            assert row is not None
-            values.append(row[0])
+            values.append(_view_value(routed_proxy, conn, sql, (2,), f"prepared, after {values}"))
+    _check_view_values(values, replica_logs)
+
+
+def _view_value(
+    proxy: ProxyProcess, conn: psycopg.Connection[Any], sql: str, params: Any, how: str
+) -> Any:
+    """The view's value; a failure shows the statement, how it ran and the proxy's log."""
+    try:
+        row = conn.execute(sql, params).fetchone()
+    except psycopg.Error as exc:
+        pytest.fail(
+            f"{sql!r} ({how}) failed: {exc.sqlstate} {exc}\n--- proxy log:\n{log_tail(proxy)}",
+            pytrace=False,
+        )
+    assert row is not None
+    return row[0]
+
+
+def _check_view_values(values: list[Any], replica_logs: ReplicaLogs) -> None:
+    """Each run took a new sequence value (on the primary), and a replica refused at least once."""
     assert values == sorted(set(values)), f"nextval values not increasing: {values}"
     if replica_logs.available:
         assert replica_logs.write_errors(), "the view never reached a replica: guard not exercised"
