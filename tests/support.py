@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -235,3 +236,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.1)
+
+
+class BackgroundQuery:
+    """`sql` running on `conn` in a thread, for a test that cancels it or cuts it off:
+    `outcome` ends up holding "finished" or the exception the query raised."""
+
+    def __init__(self, conn: Any, sql: str) -> None:
+        self.conn, self.sql = conn, sql
+        self.outcome: list[Any] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.conn.execute(self.sql)
+            self.outcome.append("finished")
+        except Exception as exc:
+            self.outcome.append(exc)
+
+    def join(self, timeout: float) -> list[Any]:
+        self.thread.join(timeout)
+        return self.outcome

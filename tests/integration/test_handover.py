@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from router.handover import take_over
-from tests.support import REPO_ROOT, ProxyProcess, start_proxy, wait_for
+from tests.support import REPO_ROOT, BackgroundQuery, ProxyProcess, start_proxy, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -206,23 +206,13 @@ def test_cancel_reaches_a_query_running_on_the_draining_process(
     if old_workers > 1:
         wait_for(lambda: "workers serving" in old.log_text(), timeout=60)
     with psycopg.connect(old.dsn(), autocommit=True, connect_timeout=10) as conn:
-        outcome: list[Any] = []
-
-        def sleep() -> None:
-            try:
-                conn.execute("SELECT pg_sleep(30)")
-                outcome.append("finished")
-            except Exception as exc:
-                outcome.append(exc)
-
-        sleeper = threading.Thread(target=sleep)
-        sleeper.start()
+        sleeper = BackgroundQuery(conn, "SELECT pg_sleep(30)")
         time.sleep(0.5)
         with successor(old, tmp_path, {**old.config, "workers": new_workers}) as new:
             wait_for(lambda: "successor serving; draining" in old.log_text(), timeout=60)
             start = time.monotonic()
             conn.cancel()
-            sleeper.join(20)
+            outcome = sleeper.join(20)
             elapsed = time.monotonic() - start
             assert len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.QueryCanceled)
             assert elapsed < 10, f"the cancel took {elapsed:.1f}s"

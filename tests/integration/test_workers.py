@@ -25,6 +25,7 @@ from tests.support import (
     MD5_PASSWORD,
     MD5_USER,
     REPO_ROOT,
+    BackgroundQuery,
     ProxyProcess,
     free_port,
     start_proxy,
@@ -144,21 +145,11 @@ def test_cancel_reaches_the_worker_serving_the_client(proxy_factory: ProxyFactor
     slowest = 0.0
     for _ in range(tries):
         with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=20) as conn:
-            outcome: list[BaseException | str] = []
-
-            def sleep(conn: psycopg.Connection[Any] = conn, outcome: list[Any] = outcome) -> None:
-                try:
-                    conn.execute("SELECT pg_sleep(10)")
-                    outcome.append("finished")
-                except Exception as exc:
-                    outcome.append(exc)
-
-            sleeper = threading.Thread(target=sleep)
-            sleeper.start()
+            sleeper = BackgroundQuery(conn, "SELECT pg_sleep(10)")
             time.sleep(0.2)
             start_at = time.monotonic()
             conn.cancel()
-            sleeper.join(15)
+            outcome = sleeper.join(15)
             slowest = max(slowest, time.monotonic() - start_at)
             assert len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.QueryCanceled)
     print(f"\n{tries} cancels, slowest {slowest * 1000:.0f} ms")
