@@ -156,7 +156,7 @@ class Pool:
             return None
         self.waiters.append(waiter)
         self._wait_start[waiter] = time.monotonic()
-        if self.size < self.settings.pool_size:
+        if len(idle) + len(self.active) + self.connecting < self.settings.pool_size:  # size
             self._grow()
         return None
 
@@ -221,7 +221,8 @@ class Pool:
             waited = time.monotonic() - start
             self.wait_count += 1
             self.wait_time += waited
-            self.max_wait = max(self.max_wait, waited)
+            if waited > self.max_wait:
+                self.max_wait = waited
 
     def expire_waiters(self, now: float) -> None:
         """Fail clients waiting longer than query_wait_timeout (oldest first: a FIFO)."""

@@ -147,10 +147,39 @@ class ServerConnection(asyncio.Protocol):
             transport.write(self.login.startup())
 
     def data_received(self, data: bytes) -> None:
+        try:
+            if self._hidden is not None or self.ssl_answer is not None:
+                data = self._before_forwarding(data)
+                if not data:
+                    return
+            client = self.client
+            if client is None and not self.login.done:
+                self._read_login(data)
+                return
+            scanner = self.scanner
+            ready = scanner.feed(data)
+            if scanner.params:
+                self._take_parameters()
+            if scanner.errors:
+                self._count_errors()
+            if client is None:  # an idle server's notice or parameter change
+                return
+            if ready:
+                client.server_ready(data, ready)  # it forwards the data and may release us
+            else:
+                client.server_data(data)
+        except ProtocolViolation as exc:  # a broken server: never reuse it
+            log.warning("server protocol violation", server=repr(self), error=str(exc))
+            if self.transport is not None:
+                self.transport.abort()  # connection_lost tells the linked client
+
+    def _before_forwarding(self, data: bytes) -> bytes:
+        """The answer to our SSLRequest, or a hidden query's replies: what is left of `data`
+        for the forwarding path."""
         answer = self.ssl_answer
         if answer is not None:
             if answer.done():  # more bytes before the TLS handshake: nobody reads them
-                return
+                return b""
             if len(data) > 1:
                 # Bytes after the answer would be taken as if they came over TLS
                 # (CVE-2021-23214): a server (or someone in between) doing that is refused.
@@ -161,39 +190,8 @@ class ServerConnection(asyncio.Protocol):
                     self.transport.abort()
             else:
                 answer.set_result(data)
-            return
-        try:
-            self._data(data)
-        except ProtocolViolation as exc:  # a broken server: never reuse it
-            log.warning("server protocol violation", server=repr(self), error=str(exc))
-            if self.transport is not None:
-                self.transport.abort()  # connection_lost tells the linked client
-
-    def _data(self, data: bytes) -> None:
-        if self._hidden is not None:
-            data = self._read_hidden(data)
-            if not data:
-                return
-        client = self.client
-        if client is None:
-            if not self.login.done:
-                self._read_login(data)
-            else:
-                self.scanner.feed(data)  # an idle server's notice or parameter change
-                if self.scanner.params:
-                    self._take_parameters()
-                if self.scanner.errors:
-                    self._count_errors()
-            return
-        ready = self.scanner.feed(data)
-        if self.scanner.params:
-            self._take_parameters()
-        if self.scanner.errors:
-            self._count_errors()
-        if ready:
-            client.server_ready(data, ready)  # it forwards the data and may release us
-        else:
-            client.server_data(data)
+            return b""
+        return self._read_hidden(data)
 
     def _take_parameters(self) -> None:
         """Keep the server's reported values (canonical forms) current."""

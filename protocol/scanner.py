@@ -8,7 +8,12 @@ by length and never copied, except the few bytes of the messages that matter
 
 from __future__ import annotations
 
+import struct
+
 from protocol.errors import ProtocolViolation
+
+#: The length word at an offset, as a 1-tuple: half the cost of int.from_bytes on a slice.
+LENGTH_AT = struct.Struct("!I").unpack_from
 
 _Z = ord("Z")
 _S = ord("S")
@@ -56,9 +61,10 @@ class BackendScanner:
             n = len(data)
             pos = 0
         ready = 0
+        length_at = LENGTH_AT
         while pos + 5 <= n:
             kind = data[pos]
-            end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+            end = pos + 1 + length_at(data, pos + 1)[0]
             if end < pos + 5:
                 raise ProtocolViolation("server sent an invalid message length")
             if kind == _Z:
@@ -144,9 +150,10 @@ class FrontendScanner:
             shift = 0
         syncs = 0
         max_size = self.max_size
+        length_at = LENGTH_AT
         while pos + 5 <= n:
             kind = data[pos]
-            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+            length = length_at(data, pos + 1)[0]
             if length < 4:
                 raise ProtocolViolation(f"invalid message length {length}")
             if length > max_size:

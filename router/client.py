@@ -31,7 +31,7 @@ from protocol import messages as m
 from protocol.auth import AuthFailed, ClientAuth
 from protocol.errors import ProtocolViolation
 from protocol.framing import MessageReader, StartupReader
-from protocol.scanner import FrontendScanner
+from protocol.scanner import LENGTH_AT, FrontendScanner
 from router import __version__
 from router.classify import Target
 from router.config import ADMIN_DATABASES
@@ -83,7 +83,7 @@ def _refusal(out: bytes | bytearray) -> str | None:
     pos, n = 0, len(out)
     while pos + 5 <= n:
         kind = out[pos]
-        end = pos + 1 + int.from_bytes(out[pos + 1 : pos + 5], "big")
+        end = pos + 1 + LENGTH_AT(out, pos + 1)[0]
         if end > n:
             return None
         if kind == 69:  # ErrorResponse
@@ -109,7 +109,7 @@ def _ends_at_sync(buf: bytearray) -> bool:
     """One simple Query, or an extended-protocol batch closed by a Sync (the only one when
     a single reply is pending)."""
     if buf[0] == 81:
-        return 1 + int.from_bytes(buf[1:5], "big") == len(buf)
+        return 1 + LENGTH_AT(buf, 1)[0] == len(buf)
     return buf.endswith(_SYNC)
 
 
@@ -123,7 +123,7 @@ def _statements(buf: bytearray, names: dict[bytes, Statement] | None) -> list[st
     extended = n > 0 and buf[0] != 81
     while pos + 5 <= n:
         kind = buf[pos]
-        end = pos + 1 + int.from_bytes(buf[pos + 1 : pos + 5], "big")
+        end = pos + 1 + LENGTH_AT(buf, pos + 1)[0]
         if end > n:
             break
         if kind == 81:  # Query
@@ -158,6 +158,11 @@ class State(enum.Enum):
     ADMIN = 5  # logged in to the admin console
     CLOSED = 6
 
+
+# Enum attribute lookups cost ~100 ns each on Python 3.11: the per-message paths use these.
+_READY = State.READY
+_CLOSED = State.CLOSED
+_PRIMARY = Target.PRIMARY
 
 UNKNOWN_SETTINGS = "\0unknown"
 _TRUE_SETTINGS = frozenset({"on", "true", "yes", "1", "t", "y"})
@@ -339,7 +344,7 @@ class ClientSession(asyncio.Protocol):
         self.proxy.client_connected(self)  # also starts the client_login_timeout clock
 
     def data_received(self, data: bytes) -> None:
-        if self.state is State.READY:
+        if self.state is _READY:
             try:
                 answered = self.scanner.feed(data)
             except ProtocolViolation as exc:
@@ -351,13 +356,17 @@ class ClientSession(asyncio.Protocol):
                 return
             self.pool.bytes_received += len(data)  # type: ignore[union-attr]  # set at login
             statements = self.statements
+            transport = self._server_transport
             if statements is None:
                 if self.scanner.named_end:
                     statements = self._track_statements(answered)
-                elif (data[0] == 81 or data[0] == 80) and query_touches_state(data):
+                elif (
+                    (data[0] == 81 or data[0] == 80)
+                    and (self.router is None or not self._routed_now(transport))
+                    and query_touches_state(data)
+                ):
                     self._touched = True
                     self._custom.update(custom_settings(data))
-            transport = self._server_transport
             if transport is not None:  # the forwarding path
                 if not self._query_start:  # the server was waiting for the client
                     self._query_start = monotonic_ns()
@@ -368,7 +377,7 @@ class ClientSession(asyncio.Protocol):
                 transport.write(data)
             else:
                 self._queue(data)
-        elif self.state is not State.CLOSED:
+        elif self.state is not _CLOSED:
             try:
                 if self.state is State.ADMIN:
                     self._admin_data(data)
@@ -903,6 +912,18 @@ class ClientSession(asyncio.Protocol):
             self._acquire(target, None)
             return
 
+    def _routed_now(self, transport: asyncio.Transport | None) -> bool:
+        """The chunk starts a transaction the router decides on at once; `_route` looks for
+        session state changes only in what is not provably read-only."""
+        return transport is None and not (self.waiting or self.checking or self.buffer)
+
+    def _touches_state(self, buf: bytearray) -> None:
+        """A routed batch that goes to the primary: the session state check data_received
+        left to `_route`."""
+        if self.statements is None and (buf[0] == 81 or buf[0] == 80) and query_touches_state(buf):
+            self._touched = True
+            self._custom.update(custom_settings(buf))
+
     def _guard_against_stale(self, batch: bytes | bytearray) -> None:
         """One autocommit Bind..Sync of a prepared statement, whose client asks for the row
         description (so a new one is fine): its reply is held until it is clear the server's
@@ -928,16 +949,17 @@ class ClientSession(asyncio.Protocol):
             return False  # wait for a whole message (and for a Sync or Flush after a Parse)
         if not statements:  # Bind of a statement prepared earlier, FunctionCall...: unknown
             router.to_primary += 1
+            self._touches_state(buf)
             return self.primary_pool
         classify = router.classifier.classify
         first = classify(statements[0])
         rest = [classify(sql) for sql in statements[1:]] if len(statements) > 1 else None
         query = buf[0] == 81
         if first.sets_route is not None and query and rest is None:
-            self._set_route(first.sets_route, 1 + int.from_bytes(buf[1:5], "big"))
+            self._set_route(first.sets_route, 1 + LENGTH_AT(buf, 1)[0])
             return True
         # One Query, one statement:
-        single = query and rest is None and 1 + int.from_bytes(buf[1:5], "big") == len(buf)
+        single = query and rest is None and 1 + LENGTH_AT(buf, 1)[0] == len(buf)
         held = self._held_begin
         if held is None:
             read_only_txn = first.read_only_txn or (
@@ -959,8 +981,10 @@ class ClientSession(asyncio.Protocol):
             read = first.read_only_txn and first.reason == "set"
         if rest and read:
             read = all(v.read_only for v in rest)
-        if not read or first.hint is Target.PRIMARY or self.route_override is Target.PRIMARY:
+        if not read or first.hint is _PRIMARY or self.route_override is _PRIMARY:
             router.to_primary += 1
+            if not read:  # a provably read-only transaction changes no session state
+                self._touches_state(buf)
             if first.reason == "set" and (not rest or all(v.reason == "set" for v in rest)):
                 self._txn_writes = False  # writes nothing: later reads need not wait for it
             return self.primary_pool
@@ -1013,7 +1037,7 @@ class ClientSession(asyncio.Protocol):
         """The pool's answer: link, bring the server's settings in line, send the bytes
         (`data`, or the buffer kept while waiting)."""
         self.waiting = False
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             assert self.pool is not None
             self.pool.release(server, used=False)
             return
@@ -1164,7 +1188,8 @@ class ClientSession(asyncio.Protocol):
             if self._txn_ddl:
                 self._txn_ddl = False
                 self.router.catalog_changed()  # committed: read pg_proc again
-        if self.touched:
+        statements = self.statements
+        if self._touched or (statements is not None and statements.touched):  # self.touched
             self._check_state(server)
         elif not self.pins:
             self._unlink()

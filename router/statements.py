@@ -62,7 +62,7 @@ _STATEMENT_START = re.compile(
 _TEMPORARY = re.compile(rb"\btemp(?:orary)?\b")
 
 
-def _touches(low: bytes, start: int) -> bool:
+def _touches(low: bytes | bytearray, start: int) -> bool:
     """`low`: lower-cased SQL beginning at `start`."""
     if _MAYBE_STATE.search(low, start) is None:
         return False
@@ -84,7 +84,7 @@ def text_touches_state(text: bytes) -> bool:
     return _touches(text.lower(), 0)
 
 
-def query_touches_state(chunk: bytes) -> bool:
+def query_touches_state(chunk: bytes | bytearray) -> bool:
     """Whether a chunk starting with a Query or Parse message may change session state."""
     low = chunk.lower()
     return _touches(low, 5 if chunk[0] == 81 else low.find(0, 5) + 1)
@@ -100,7 +100,7 @@ _DEALLOCATE = re.compile(
 _DISCARD_ALL = re.compile(rb"\A\s*discard\s+all\s*;?\s*\Z", re.I)
 
 
-def custom_settings(text: bytes) -> list[str]:
+def custom_settings(text: bytes | bytearray) -> list[str]:
     """Dotted setting names (myapp.tenant) a statement sets or resets."""
     return [m.group(1).decode("utf-8", "replace").lower() for m in _CUSTOM_SETTING.finditer(text)]
 
