@@ -97,6 +97,7 @@ ENDPOINT_KINDS = {
     "pgrouter-scram": "pgrouter",  # auth_type scram-sha-256
     "pgbouncer-scram": "pgbouncer",  # auth_type = scram-sha-256
     "pgrouter-workers": "pgrouter",  # workers: 2
+    "floor": "pgrouter",  # bench/floor.py: the floor under pgrouter, measured along with it
 }
 STANDARD = tuple(Column(t, t) for t in TARGETS)
 ROUTED = (
@@ -105,6 +106,8 @@ ROUTED = (
 )
 SCRAPED = (Column("pgrouter", "pgrouter"), Column("scraped", "pgrouter", scrape=True))
 WORKERS = (Column("workers-1", "pgrouter"), Column("workers-2", "pgrouter-workers"))
+FLOOR = (Column("floor", "floor"), Column("pgbouncer", "pgbouncer"))
+FLOOR_COMPARE = ("floor", "pgbouncer")
 SCRAM = (
     Column("pgrouter", "pgrouter-scram", user=SCRAM_USER),
     Column("pgbouncer", "pgbouncer-scram", user=SCRAM_USER),
@@ -135,6 +138,7 @@ S_C100 = ("-S", "-c", "100", "-j", "2")
 ROUTED_WHAT = "one pgrouter, 2 replicas, reads: primary vs replicas"
 SCRAPED_WHAT = "pgrouter alone, then with /metrics scraped every second"
 WORKERS_WHAT = "pgrouter with one process, then with workers: 2 (CPU of all its processes)"
+FLOOR_WHAT = "bench/floor.py (a uvloop byte copier, a server per client) vs PgBouncer"
 WORKLOADS = (
     Workload("select-c10", S_C10),
     Workload("select-c100", S_C100),
@@ -192,6 +196,7 @@ WORKLOADS = (
         interleave=True,
         what=WORKERS_WHAT,
     ),
+    Workload("floor-select-c100", S_C100, columns=FLOOR, compare=FLOOR_COMPARE, what=FLOOR_WHAT),
     Workload(
         "scram-connect",
         ("-S", "-C", "-c", "10", "-j", "2"),
@@ -482,6 +487,16 @@ def run_pgrouter(
     log(f"starting {name} on port {port}")
     with spawned(name, cmd, port, workdir / f"{name}.log", cwd=REPO) as endpoint:
         endpoint.metrics_url = f"http://{HOST}:{http_port}/metrics"
+        yield endpoint
+
+
+@contextlib.contextmanager
+def run_floor(cluster: LocalCluster, workdir: Path) -> Iterator[Endpoint]:
+    port = free_port()
+    primary = cluster.primary
+    cmd = [sys.executable, str(REPO / "bench" / "floor.py"), str(port), primary.host]
+    log(f"starting floor on port {port}")
+    with spawned("floor", [*cmd, str(primary.port)], port, workdir / "floor.log") as endpoint:
         yield endpoint
 
 
@@ -857,6 +872,16 @@ SCRAPED_COMPARE = ("scraped", "pgrouter")
 
 
 def compute_checks(report: Report) -> None:
+    select_c100 = check(
+        report,
+        "select-c100: pgrouter CPU µs/txn <= 1.3x PgBouncer's",
+        "select-c100",
+        "cpu",
+        lambda v: v <= 1.3,
+    )
+    floor = report.ratios.get("floor-select-c100", {}).get(ratio_key("cpu", FLOOR_COMPARE))
+    if floor is not None:  # what no Python proxy gets below on this machine
+        select_c100.detail += f" (bench/floor.py: floor/pgbouncer = {floor:.2f}x)"
     report.checks = [
         own_ratio_check(
             report,
@@ -865,13 +890,7 @@ def compute_checks(report: Report) -> None:
             "select-c100",
             1.3,
         ),
-        check(
-            report,
-            "select-c100: pgrouter CPU µs/txn <= 1.3x PgBouncer's",
-            "select-c100",
-            "cpu",
-            lambda v: v <= 1.3,
-        ),
+        select_c100,
         check(
             report,
             "select-connect: pgrouter tps >= PgBouncer's",
@@ -1074,6 +1093,8 @@ class Endpoints:
     ) -> Callable[[], contextlib.AbstractContextManager[Endpoint]] | None:
         """How to start one proxy, or None when it is skipped (a note says why)."""
         args, cluster = self.args, self.cluster
+        if name == "floor":
+            return lambda: run_floor(cluster, self.workdir)
         if ENDPOINT_KINDS[name] == "pgrouter":
             return lambda: run_pgrouter(name, cluster, args, self.workdir)
         if not self._pgbouncer_looked:

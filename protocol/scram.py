@@ -31,7 +31,14 @@ def _attributes(text: str) -> dict[str, str]:
 
 
 def _hmac(key: bytes, msg: bytes) -> bytes:
-    return hmac.new(key, msg, hashlib.sha256).digest()
+    return hmac.digest(key, msg, "sha256")  # OpenSSL's one-shot HMAC, no Python object
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    """Two 32-byte strings XORed (a proof from a key and a signature, and back)."""
+    if len(a) != len(b):
+        raise ScramError("proof has the wrong length")
+    return (int.from_bytes(a) ^ int.from_bytes(b)).to_bytes(len(a))
 
 
 def _b64(data: bytes) -> str:
@@ -105,7 +112,7 @@ class ScramClient:
         without_proof = f"c=biws,r={nonce}"
         auth_message = f"{self._first_bare},{server_first},{without_proof}".encode()
         signature = _hmac(hashlib.sha256(client_key).digest(), auth_message)
-        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        proof = _xor(client_key, signature)
         self._expected_signature = _hmac(server_key, auth_message)
         return f"{without_proof},p={_b64(proof)}"
 
@@ -165,10 +172,7 @@ class ScramVerifier:
         except ValueError as exc:
             raise ScramError("proof is not base64") from exc
         auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
-        signature = _hmac(self.stored_key, auth_message)
-        if len(proof) != len(signature):
-            raise ScramError("proof has the wrong length")
-        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        client_key = _xor(proof, _hmac(self.stored_key, auth_message))
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.stored_key):
             raise ScramError("wrong password")
         self.client_key = client_key

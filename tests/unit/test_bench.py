@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import http.server
 import importlib
+import socket
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -211,3 +214,62 @@ def test_self_comparisons_run_a_b_b_a_and_merge(bench: ModuleType) -> None:
     assert merged.scrapes == 11 and merged.scrape_ms == pytest.approx(16.0)
     failed = bench.RunResult(workload.name, "scraped", error="boom")
     assert bench.merge([(part(1, 1, 0.1, 1, 1.0), 5), (failed, 6)]) is failed
+
+
+def test_the_select_c100_check_names_the_floor(bench: ModuleType) -> None:
+    workloads = [w for w in bench.WORKLOADS if w.name in ("select-c100", "floor-select-c100")]
+    report = bench.Report(started="now", options={})
+    report.results = [
+        bench.RunResult("select-c100", "pgrouter", tps=1000.0, cpu_us_per_txn=30.0),
+        bench.RunResult("select-c100", "pgbouncer", tps=1500.0, cpu_us_per_txn=15.0),
+        bench.RunResult("floor-select-c100", "floor", tps=1400.0, cpu_us_per_txn=18.0),
+        bench.RunResult("floor-select-c100", "pgbouncer", tps=1500.0, cpu_us_per_txn=15.0),
+    ]
+    bench.compute_ratios(report, workloads)
+    bench.compute_checks(report)
+    (c100,) = [c for c in report.checks if c.name.startswith("select-c100")]
+    assert c100.status == "MISS"
+    assert c100.detail == "pgrouter/pgbouncer = 2.00x (bench/floor.py: floor/pgbouncer = 1.20x)"
+    assert "floor-select-c100" in bench.parse_args([]).only
+
+
+def test_the_floor_copies_bytes_both_ways(tmp_path: Path) -> None:
+    """bench/floor.py in front of an echo server: what goes in comes back, in order."""
+    echo = socket.create_server(("127.0.0.1", 0))
+    echo_port = echo.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = echo.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    floor = subprocess.Popen(
+        [sys.executable, str(BENCH / "floor.py"), str(port), "127.0.0.1", str(echo_port)]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "floor.py did not listen"
+                time.sleep(0.05)
+        with client:
+            sent = bytes(range(256)) * 400
+            client.sendall(sent)
+            received = b""
+            while len(received) < len(sent):
+                chunk = client.recv(65536)
+                assert chunk, "the floor closed the connection"
+                received += chunk
+            assert received == sent
+    finally:
+        floor.terminate()
+        floor.wait(10)
+        echo.close()
