@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 
@@ -39,8 +39,9 @@ class PoolSettings:
     server_tls: TLSOptions | None = None  # None: no TLS
 
 
-@dataclass(frozen=True, slots=True)
-class PoolKey:
+class PoolKey(NamedTuple):
+    """A tuple, not a frozen dataclass: built and hashed at every login, at C speed."""
+
     database: str  # the client-facing name
     user: str
     host: str

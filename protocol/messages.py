@@ -127,8 +127,9 @@ SYNC = message(b"S")
 
 
 def split_cstrings(body: bytes) -> list[str]:
-    """Split a run of NUL-terminated strings (the trailing terminator is ignored)."""
-    return [s.decode("utf-8", "replace") for s in body.split(b"\0")[:-1]]
+    """Split a run of NUL-terminated strings (the trailing terminator is ignored). Decoded in
+    one piece: no UTF-8 sequence contains a NUL byte, so the result is the same."""
+    return body.decode("utf-8", "replace").split("\0")[:-1]
 
 
 def parse_data_row(body: bytes) -> list[str | None]:
@@ -194,17 +195,16 @@ def parse_startup_body(body: bytes) -> StartupPacket:
     if not rest.endswith(b"\0"):
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     strings = split_cstrings(rest[:-1])
-    if "" in strings[::2]:  # an empty name ends the list: PostgreSQL wants nothing after it
+    names = strings[::2]
+    if "" in names:  # an empty name ends the list: PostgreSQL wants nothing after it
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     if len(strings) % 2:
         raise ProtocolViolation("invalid startup packet layout: odd number of strings")
-    packet = StartupPacket(code)
-    for key, value in zip(strings[::2], strings[1::2], strict=True):
-        if key.startswith("_pq_."):
-            packet.protocol_options.append(key)
-        else:
-            packet.params[key] = value
-    return packet
+    params = dict(zip(names, strings[1::2], strict=True))
+    options = [name for name in names if name.startswith("_pq_.")]
+    for name in options:
+        params.pop(name, None)
+    return StartupPacket(code, params, options)
 
 
 def parse_options(options: str) -> dict[str, str]:
