@@ -157,7 +157,7 @@ class Pool:
             return None
         self.waiters.append(waiter)
         self._wait_start[waiter] = time.monotonic()
-        if len(idle) + len(self.active) + self.connecting < self.settings.pool_size:  # size
+        if len(idle) + len(self.active) + self.connecting < self.settings.pool_size:  # self.size
             self._grow()
         return None
 
