@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import psycopg
+import pytest
 import yaml
 
 from router.cluster import conninfo
@@ -147,14 +149,7 @@ class ProxyProcess:
         return self.proc.poll()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        """Send sig, wait up to timeout, then SIGKILL; return the exit code."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(sig)
-                return self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return stop_process(self.proc, sig, timeout)
 
     def rss_kb(self) -> int:
         """Resident memory of the proxy process, from /proc/PID/status (VmRSS)."""
@@ -228,6 +223,47 @@ def start_proxy(
             )
         time.sleep(0.05)
     return proxy
+
+
+def log_tail(proxy: ProxyProcess, lines: int = 40) -> str:
+    return "\n".join(proxy.log_text().splitlines()[-lines:])
+
+
+def stop_process(
+    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10
+) -> int:
+    """Send `sig`, wait up to `timeout`, then SIGKILL; the exit code."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def wait_replica_reads(proxy: ProxyProcess, timeout: float = 15.0) -> None:
+    """Until a plain read on appdb through a fresh connection runs on a replica: the backend
+    monitors have reported (and a few rounds more, so that every replica is known)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(
+                proxy.dsn("appdb"), autocommit=True, prepare_threshold=None, connect_timeout=10
+            ) as conn:
+                last = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            if last == (True,):
+                time.sleep(0.3)
+                return
+        except psycopg.Error as exc:
+            last = exc
+        time.sleep(0.1)
+    pytest.fail(
+        f"reads on appdb never reached a replica within {timeout:.0f}s (last: {last!r})"
+        f"\n--- proxy log:\n{log_tail(proxy)}",
+        pytrace=False,
+    )
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -32,7 +31,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.support import APP_USER, REPO_ROOT, free_port
+from tests.support import APP_USER, REPO_ROOT, free_port, stop_process, wait_replica_reads
 
 DEPLOY = REPO_ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "pgrouter.json"
@@ -257,38 +256,12 @@ class Prometheus:
         return float(result[0]["value"][1])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def connect(proxy: Any, dbname: str = "appdb") -> psycopg.Connection[Any]:
     return psycopg.connect(
         proxy.dsn(dbname), prepare_threshold=None, autocommit=True, connect_timeout=10
-    )
-
-
-def wait_replica_reads(proxy: Any, timeout: float = 15.0) -> None:
-    """Until a read on appdb runs on a replica: the backend monitors have reported."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            with connect(proxy) as conn:
-                last = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            if last == (True,):
-                return
-        except psycopg.Error as exc:
-            last = exc
-        time.sleep(0.1)
-    pytest.fail(
-        f"reads on appdb never reached a replica within {timeout:.0f}s (last: {last!r})\n"
-        f"--- pgrouter:\n{proxy.log_text()}",
-        pytrace=False,
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -25,7 +24,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import APP_PASSWORD, APP_USER, free_port
+from tests.support import APP_PASSWORD, APP_USER, free_port, stop_process
 
 ADMIN = {"admin": {"users": [APP_USER]}}
 PACKAGE = "prometheus-pgbouncer-exporter"
@@ -96,13 +95,7 @@ class Exporter:
         }
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ import pytest
 from psycopg import pq
 
 from tests.integration.test_session_state import show_pins
-from tests.support import APP_PASSWORD, APP_USER, ProxyProcess, deep_merge
+from tests.support import APP_PASSWORD, APP_USER, ProxyProcess, deep_merge, wait_replica_reads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -185,26 +185,9 @@ def primary_sql(cluster: Any, sql: str) -> str:
     return str(cluster.primary.sql(sql, dbname="appdb"))
 
 
-def wait_routing(proxy: ProxyProcess, timeout: float = 15.0) -> None:
-    """Until a plain read through a fresh connection runs on a replica (monitors reported)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            with connect(proxy, prepare_threshold=None) as conn:
-                last = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            if last == (True,):
-                time.sleep(0.3)  # a few more monitor rounds: both replicas known
-                return
-        except psycopg.Error as exc:
-            last = exc
-        time.sleep(0.1)
-    pytest.fail(f"reads never reached a replica within {timeout:.0f}s (last: {last!r})")
-
-
 def routed(proxy_factory: Any, config: dict[str, Any] | None = None, **kw: Any) -> ProxyProcess:
     proxy: ProxyProcess = proxy_factory(deep_merge(ROUTED, config or {}), **kw)
-    wait_routing(proxy)
+    wait_replica_reads(proxy)
     return proxy
 
 

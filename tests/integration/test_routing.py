@@ -37,8 +37,10 @@ from tests.support import (
     base_topology,
     deep_merge,
     free_port,
+    log_tail,
     start_proxy,
     wait_for,
+    wait_replica_reads,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,31 +75,6 @@ def connect(proxy: ProxyProcess, **kw: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(proxy.dsn("appdb"), **kw)
 
 
-def log_tail(proxy: ProxyProcess, lines: int = 40) -> str:
-    return "\n".join(proxy.log_text().splitlines()[-lines:])
-
-
-def wait_routing(proxy: ProxyProcess, timeout: float = 15.0) -> None:
-    """Until a plain read through a fresh connection runs on a replica (monitors reported)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            with connect(proxy) as conn:
-                last = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            if last == (True,):
-                time.sleep(0.3)  # a few more monitor rounds: both replicas known
-                return
-        except psycopg.Error as exc:
-            last = exc
-        time.sleep(0.1)
-    pytest.fail(
-        f"reads never reached a replica through the routed proxy within {timeout:.0f}s "
-        f"(last: {last!r})\n--- proxy log:\n{log_tail(proxy)}",
-        pytrace=False,
-    )
-
-
 def routed_config(
     replicas: list[Any] | None = None, **routing: Any
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -109,7 +86,7 @@ def routed_config(
 
 def start_routed(proxy_factory: Any, replicas: list[Any] | None = None, **routing: Any) -> Any:
     proxy = proxy_factory(routed_config(replicas, **routing))
-    wait_routing(proxy)
+    wait_replica_reads(proxy)
     return proxy
 
 
@@ -280,7 +257,7 @@ def routed_proxy(
     if failure:
         pytest.fail(failure, pytrace=False)
     try:
-        wait_routing(proxy)
+        wait_replica_reads(proxy)
         yield proxy
     finally:
         proxy.stop()
@@ -577,7 +554,7 @@ def test_default_transaction_read_only_session(proxy_factory: Any, objects: None
     """A session with default_transaction_read_only = on: its transactions may use a replica,
     and the setting never leaks to another client sharing the servers."""
     proxy = proxy_factory(deep_merge(routed_config(), {"databases": {"appdb": {"pool_size": 1}}}))
-    wait_routing(proxy)
+    wait_replica_reads(proxy)
     try:
         _check_read_only_transactions(
             proxy, ("BEGIN",), session=("SET default_transaction_read_only = on",)
@@ -896,7 +873,7 @@ def test_reads_primary_and_any(proxy_factory: Any, cluster: Any) -> None:
     time.sleep(0.5)
     assert set(_spread(proxy, 50)) == {cluster.primary.port}
     proxy = proxy_factory(routed_config(reads="any"))
-    wait_routing(proxy)
+    wait_replica_reads(proxy)
     ports = _spread(proxy, 300)
     assert set(ports) == {cluster.primary.port, *(r.port for r in cluster.replicas)}, named(
         cluster, ports
@@ -1065,7 +1042,7 @@ def test_time_lag_limit(proxy_factory: Any, cluster: Any, objects: None) -> None
     reads while the primary writes, shows its lag in SHOW BACKENDS, and rejoins once it caught
     up."""
     proxy = proxy_factory(routed_config(max_replica_lag="1s"), admin={"users": [APP_USER]})
-    wait_routing(proxy)
+    wait_replica_reads(proxy)
     slow, fast = cluster.replicas
     with delayed(cluster, [slow], "3s"), connect(proxy) as writer:
         ports: list[int] = []

@@ -662,10 +662,11 @@ def test_read_only_sessions_send_transactions_to_replicas(proxy_factory: Any) ->
     """default_transaction_read_only, set with SET or in the startup packet, sends explicit
     transactions that leave the access mode open to a replica; READ WRITE ones and sessions
     without it stay on the primary."""
-    from tests.integration.test_prepared import ROUTED, wait_routing
+    from tests.integration.test_prepared import ROUTED
+    from tests.support import wait_replica_reads
 
     proxy = proxy_factory(ROUTED, pool_size=2)
-    wait_routing(proxy)
+    wait_replica_reads(proxy)
 
     def in_transaction(conn: psycopg.Connection[Any], begin: str = "BEGIN") -> bool:
         conn.execute(begin)
