@@ -13,8 +13,10 @@ require refused by a server without TLS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -516,16 +518,27 @@ def test_start_tls_after_flow_control_and_close(certs: Certs, loop_kind: str) ->
     received = bytearray()
 
     def client(port: int) -> None:
+        """Writes fast and reads slowly, in one thread: an SSL socket must not be used from
+        two threads at once (OpenSSL's state is not shared safely; recv then sees a false
+        end of stream)."""
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             tls = client_context.wrap_socket(sock, server_hostname="localhost")
-            sender = threading.Thread(target=tls.sendall, args=(payload,))
-            sender.start()
+            tls.setblocking(False)
+            sent = 0
+            deadline = time.monotonic() + 60
             while len(received) < len(payload):
-                chunk = tls.recv(256 * 1024)
-                assert chunk, "closed early"
-                received.extend(chunk)
-                time.sleep(0.001)  # a slow reader
-            sender.join(30)
+                assert time.monotonic() < deadline, f"echoed {len(received)} bytes only"
+                writing = [tls] if sent < len(payload) else []
+                readable, writable, _ = select.select([tls], writing, [], 1)
+                with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    if writable:
+                        sent += tls.send(payload[sent : sent + 64 * 1024])
+                    if readable or tls.pending():
+                        chunk = tls.recv(256 * 1024)  # one TLS record (16 kB) at most
+                        assert chunk, "closed early"
+                        received.extend(chunk)
+                        time.sleep(0.001)  # a slow reader
+            tls.setblocking(True)
             tls.unwrap()  # close_notify
 
     async def run() -> _Echo:
